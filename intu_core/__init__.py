@@ -1,0 +1,43 @@
+"""intu: a small integration engine core. This module is the public API for plugin authors."""
+
+from intu_core.config import REQUIRED, ConfigError, Problem, Problems, Section
+from intu_core.hookspecs import hookimpl
+from intu_core.message import (
+    Acceptance,
+    AcceptanceStatus,
+    Context,
+    Message,
+    SendResult,
+    SendStatus,
+)
+from intu_core.types import (
+    DeliverCallback,
+    Destination,
+    DestinationType,
+    Runtime,
+    Source,
+    SourceType,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "REQUIRED",
+    "Acceptance",
+    "AcceptanceStatus",
+    "ConfigError",
+    "Context",
+    "DeliverCallback",
+    "Destination",
+    "DestinationType",
+    "Message",
+    "Problem",
+    "Problems",
+    "Runtime",
+    "SendResult",
+    "SendStatus",
+    "Section",
+    "Source",
+    "SourceType",
+    "hookimpl",
+]

@@ -1,0 +1,151 @@
+"""The small value types that the engine and plugins exchange.
+
+``Message`` travels through the pipeline, ``Context`` goes with it into every stage,
+``SendResult`` says what a destination did with it, and ``Acceptance`` tells a source
+what the engine did with what it handed over (so a source can answer its sender truthfully).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One unit of work: what a source received, after any transformation.
+
+    Immutable in spirit: stages return a new message (``msg.replace(body=...)``) rather than
+    editing one in place. ``body`` and ``metadata`` must be JSON-serialisable, because a queued
+    message is stored on disk.
+
+    ``files`` lists files on disk that the body refers to (for example a received DICOM instance
+    whose pixel data the body references). The engine keeps them while any copy of the message is
+    queued or kept as an error, and deletes them once every copy is done.
+    """
+
+    body: Any
+    channel: str = ""
+    id: str = field(default_factory=new_message_id)
+    correlation_id: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    created_at: datetime = field(default_factory=_now)
+    files: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.correlation_id:
+            object.__setattr__(self, "correlation_id", self.id)
+
+    def replace(self, **changes: Any) -> Message:
+        """A copy with the given fields changed (``msg.replace(body=new_body)``)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "correlation_id": self.correlation_id,
+            "channel": self.channel,
+            "body": self.body,
+            "metadata": dict(self.metadata),
+            "created_at": self.created_at.isoformat(),
+            "files": list(self.files),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Message:
+        return cls(
+            body=data["body"],
+            channel=data.get("channel", ""),
+            id=data["id"],
+            correlation_id=data.get("correlation_id", ""),
+            metadata=data.get("metadata", {}),
+            created_at=datetime.fromisoformat(data["created_at"]),
+            files=tuple(data.get("files", ())),
+        )
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a transformer, a filter or a destination knows about where it runs."""
+
+    logger: logging.Logger
+    channel: str
+    message_id: str
+    destination: str | None = None
+    stage: str = ""
+
+
+class SendStatus(enum.Enum):
+    """The four things that can happen when a destination sends a message."""
+
+    SUCCESS = "success"
+    WARNING = "warning"  # delivered, with something worth recording
+    RETRYABLE = "retryable"  # not delivered; trying again later may work
+    PERMANENT = "permanent"  # not delivered; trying again will not help
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What a destination's ``send`` returns. Results are values: exceptions mean bugs.
+
+    ``detail`` is a sentence for a person; ``code`` is a protocol status where one exists
+    (a DICOM status such as 0xA700); ``data`` carries anything else worth keeping.
+    """
+
+    status: SendStatus
+    detail: str = ""
+    code: int | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def delivered(self) -> bool:
+        return self.status in (SendStatus.SUCCESS, SendStatus.WARNING)
+
+    @classmethod
+    def success(cls, detail: str = "", **kw: Any) -> SendResult:
+        return cls(SendStatus.SUCCESS, detail, **kw)
+
+    @classmethod
+    def warning(cls, detail: str, **kw: Any) -> SendResult:
+        return cls(SendStatus.WARNING, detail, **kw)
+
+    @classmethod
+    def retryable(cls, detail: str, **kw: Any) -> SendResult:
+        return cls(SendStatus.RETRYABLE, detail, **kw)
+
+    @classmethod
+    def permanent(cls, detail: str, **kw: Any) -> SendResult:
+        return cls(SendStatus.PERMANENT, detail, **kw)
+
+
+class AcceptanceStatus(enum.Enum):
+    ACCEPTED = "accepted"  # durably queued, or delivered, to every destination
+    FILTERED = "filtered"  # a filter or transformer dropped it on purpose: nothing to do
+    BUSY = "busy"  # out of resources (disk nearly full, queue over its limit): try later
+    FAILED = "failed"  # a transformer raised, or a destination failed for good
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """What the engine did with a message a source handed to it."""
+
+    status: AcceptanceStatus
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (AcceptanceStatus.ACCEPTED, AcceptanceStatus.FILTERED)

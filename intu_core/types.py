@@ -1,0 +1,103 @@
+"""Typed registrations a plugin returns from its hooks, and the protocols its objects follow.
+
+A plugin never hands the engine untyped dicts: it registers a ``DestinationType`` or a
+``SourceType`` with a name, a settings parser and a factory. The engine parses each configured
+block with the parser (which reports problems through the ``Section`` it is given), then calls the
+factory with the parsed settings and a ``Runtime``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from intu_core.message import Acceptance, Message, SendResult
+
+if TYPE_CHECKING:
+    from intu_core.config.section import Section
+
+_TYPE_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a destination or source is given when it is created."""
+
+    name: str  # the destination's name, or the channel's name for a source
+    data_dir: Path  # the engine's data directory; a plugin keeps its files under it
+    logger: logging.Logger
+
+
+@runtime_checkable
+class Destination(Protocol):
+    """A configured destination. ``send`` is the hook every destination implements.
+
+    ``send`` may be called from several threads at once (one per queue worker); it returns a
+    ``SendResult`` and never raises for an expected failure (a refused connection, a rejected
+    message). ``close`` releases connections; it is called once, at shutdown.
+    """
+
+    def send(self, message: Message) -> SendResult: ...
+
+    def close(self) -> None: ...
+
+
+DeliverCallback = Callable[[Message], Acceptance]
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A configured source. ``start`` begins listening and hands each message to ``deliver``.
+
+    ``deliver`` returns only once the engine has accepted the message durably (or decided it
+    cannot): its ``Acceptance`` is what the source tells its sender. ``stop`` stops accepting new
+    work, lets in-flight work finish, and returns.
+    """
+
+    def start(self, deliver: DeliverCallback) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not _TYPE_NAME.match(name):
+        raise ValueError(
+            f"{kind} type name {name!r} must be lowercase letters, digits, '-' or '_', "
+            "starting with a letter"
+        )
+
+
+@dataclass(frozen=True)
+class DestinationType:
+    """A destination type a plugin provides, e.g. ``type: dicom`` under ``destinations:``.
+
+    ``parse_settings(section)`` reads the block under the type's name (``dicom:`` for
+    ``type: dicom``) and returns a settings object (a frozen dataclass, by convention); it
+    reports problems through ``section`` instead of raising. ``create(settings, runtime)``
+    returns a ``Destination``.
+    """
+
+    name: str
+    parse_settings: Callable[[Section], Any]
+    create: Callable[[Any, Runtime], Destination]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name("destination", self.name)
+
+
+@dataclass(frozen=True)
+class SourceType:
+    """A source type a plugin provides, e.g. ``source: {type: dicom, dicom: {...}}``."""
+
+    name: str
+    parse_settings: Callable[[Section], Any]
+    create: Callable[[Any, Runtime], Source]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _check_name("source", self.name)
