@@ -18,6 +18,8 @@ The engine calls these hooks:
   destination (``Destination.send(message) -> SendResult``) or the ``start``/``stop`` hooks of a
   source (``Source.start(deliver)``: the source calls ``deliver(message)`` and answers its sender
   from the ``Acceptance`` it returns).
+* ``intu_write_message_file`` when the built-in ``file`` destination writes a message, so a
+  plugin that knows a body format (the DICOM plugin: Part-10 files) can write it natively.
 * ``intu_cli_commands`` when the ``intu`` command line starts, to add sub-commands.
 * ``intu_engine_started`` and ``intu_engine_stopping`` around ``intu serve``.
 """
@@ -32,7 +34,10 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
+    from pathlib import Path
+
     from intu_core.engine import Engine
+    from intu_core.message import Message
     from intu_core.types import DestinationType, SourceType
 
 PROJECT = "intu"
@@ -78,6 +83,17 @@ def intu_cli_commands() -> Sequence[click.Command]:
     Example: the DICOM plugin returns a ``dicom`` group, giving ``intu dicom echo`` and
     ``intu dicom send``. A command whose name is already taken is skipped with a warning. Commands
     find the project's configuration with ``intu_core.cli.load_project_from_context``. Since 0.1.
+    """
+
+
+@hookspec(firstresult=True)
+def intu_write_message_file(message: Message, directory: Path) -> Path | None:
+    """Write ``message`` as a file in ``directory`` if this plugin knows its body format.
+
+    Return the path written, or ``None`` to let another plugin (or the ``file`` destination's
+    own JSON/bytes writer) handle it. The first non-``None`` answer wins. Example: the DICOM
+    plugin writes a DICOM body as ``<SOPInstanceUID>.dcm``. The write should be durable
+    (fsync) before returning. Since 0.1.
     """
 
 

@@ -7,6 +7,7 @@ what the engine did with what it handed over (so a source can answer its sender 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 import logging
@@ -59,7 +60,7 @@ class Message:
             "id": self.id,
             "correlation_id": self.correlation_id,
             "channel": self.channel,
-            "body": self.body,
+            "body": _encode_body(self.body),
             "metadata": dict(self.metadata),
             "created_at": self.created_at.isoformat(),
             "files": list(self.files),
@@ -68,7 +69,7 @@ class Message:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Message:
         return cls(
-            body=data["body"],
+            body=_decode_body(data["body"]),
             channel=data.get("channel", ""),
             id=data["id"],
             correlation_id=data.get("correlation_id", ""),
@@ -76,6 +77,19 @@ class Message:
             created_at=datetime.fromisoformat(data["created_at"]),
             files=tuple(data.get("files", ())),
         )
+
+
+def _encode_body(body: Any) -> Any:
+    # A Part-10 file handed over as bytes must survive the trip through the JSON queue.
+    if isinstance(body, (bytes, bytearray)):
+        return {"$bytes": base64.b64encode(body).decode("ascii")}
+    return body
+
+
+def _decode_body(body: Any) -> Any:
+    if isinstance(body, dict) and set(body) == {"$bytes"}:
+        return base64.b64decode(body["$bytes"])
+    return body
 
 
 @dataclass(frozen=True)
@@ -133,6 +147,8 @@ class SendResult:
 
 
 class AcceptanceStatus(enum.Enum):
+    """The engine's answer to a source, which the source turns into its protocol's answer."""
+
     ACCEPTED = "accepted"  # durably queued, or delivered, to every destination
     FILTERED = "filtered"  # a filter or transformer dropped it on purpose: nothing to do
     BUSY = "busy"  # out of resources (disk nearly full, queue over its limit): try later

@@ -30,6 +30,7 @@ class Runtime:
     name: str  # the destination's name, or the channel's name for a source
     data_dir: Path  # the engine's data directory; a plugin keeps its files under it
     logger: logging.Logger
+    hook: Any = None  # the plugin manager's hook relay, to call other plugins' hooks
 
 
 @runtime_checkable

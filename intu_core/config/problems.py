@@ -8,6 +8,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Problem:
+    """One configuration error: ``file:line: key.path: what was expected, what was found``."""
+
     file: Path
     key_path: str
     message: str
@@ -27,6 +29,9 @@ class Problems:
 
     def add(self, problem: Problem) -> None:
         self.items.append(problem)
+
+    def add_text(self, file: Path, key_path: str, message: str, line: int | None = None) -> None:
+        self.items.append(Problem(file, key_path, message, line))
 
     def __len__(self) -> int:
         return len(self.items)

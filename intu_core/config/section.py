@@ -49,7 +49,7 @@ class Section:
         line: int | None = None,
     ) -> None:
         self.file = file
-        self.path = path
+        self.where = path  # the key path of this section, e.g. "destinations.pacs.dicom"
         self.problems = problems
         self.line = line if line is not None else line_of(data)
         if data is None:
@@ -63,8 +63,8 @@ class Section:
     # -- reporting -------------------------------------------------------------------------
     def key_path(self, key: str | None) -> str:
         if key is None:
-            return self.path
-        return f"{self.path}.{key}" if self.path else key
+            return self.where
+        return f"{self.where}.{key}" if self.where else key
 
     def error(self, key: str | None, message: str) -> None:
         """Record a problem at ``key`` (or at this section itself when ``key`` is None)."""
@@ -88,6 +88,7 @@ class Section:
         if key not in self.data or self.data[key] is None:
             if default is REQUIRED:
                 self.error(None, f"missing required key '{key}'")
+                return False, None
             return False, default
         return True, self.data[key]
 

@@ -27,3 +27,21 @@ def intu_cli_commands():  # type: ignore[no-untyped-def]
     from intu_dicom_destination.cli import dicom
 
     return [dicom]
+
+
+@hookimpl
+def intu_write_message_file(message, directory):  # type: ignore[no-untyped-def]
+    """Write a DICOM body as ``<SOPInstanceUID>.dcm`` (a Part-10 file) for the `file` destination."""
+    body = message.body
+    if not (isinstance(body, dict) and "dataset" in body and "sop_instance_uid" in body):
+        return None
+    import os
+
+    from intu_core.fsutil import fsync_dir
+    from intu_dicom_destination.body import write_part10_from_body
+
+    path = write_part10_from_body(body, directory / f"{body['sop_instance_uid']}.dcm")
+    with open(path, "rb+") as fh:  # the archive must hold it before we report success
+        os.fsync(fh.fileno())
+    fsync_dir(path.parent)
+    return path

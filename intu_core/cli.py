@@ -1,0 +1,192 @@
+"""The ``intu`` command line: serve, validate, plugins, queue, and commands from plugins."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from intu_core import __version__
+from intu_core.config.problems import ConfigError
+from intu_core.config.project import Project, find_config, load_project
+from intu_core.plugins import PluginRegistry, load_plugins
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class CliState:
+    """What every command can ask for: the project folder, the plugins, the loaded project."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory if directory is not None else Path.cwd()
+        self._registry: PluginRegistry | None = None
+        self._project: Project | None = None
+
+    def registry(self) -> PluginRegistry:
+        if self._registry is None:
+            self._registry = load_plugins()
+        return self._registry
+
+    def project(self) -> Project:
+        if self._project is None:
+            self._project = load_project(self.directory, self.registry())
+        return self._project
+
+    def data_dir(self) -> Path:
+        return self.project().data_dir
+
+
+def load_project_from_context(ctx: click.Context) -> Project:
+    """The project of the running command, or exit with every configuration error printed."""
+    state: CliState = ctx.find_object(CliState)  # type: ignore[assignment]
+    try:
+        return state.project()
+    except ConfigError as err:
+        _print_problems(err)
+        ctx.exit(2)
+        raise  # unreachable; keeps type checkers content
+
+
+def _print_problems(err: ConfigError) -> None:
+    click.echo(f"{len(err.problems)} configuration error(s):", err=True)
+    for problem in err.problems:
+        click.echo(f"  {problem}", err=True)
+
+
+def _dir_option(fn):  # type: ignore[no-untyped-def]
+    """``--dir`` on sub-commands too, so ``intu serve --dir examples`` reads naturally."""
+
+    def set_dir(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.ensure_object(CliState).directory = Path(value)
+
+    return click.option(
+        "--dir", "directory", type=click.Path(file_okay=True), expose_value=False, callback=set_dir,
+        is_eager=True, help="Project folder holding intu.yaml (default: the current folder).",
+    )(fn)
+
+
+class IntuGroup(click.Group):
+    """Adds the commands that plugins provide, once, when the command line is built."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self._plugins_added = False
+
+    def _add_plugin_commands(self) -> None:
+        if self._plugins_added:
+            return
+        self._plugins_added = True
+        for command in load_plugins().commands():
+            if command.name in self.commands:
+                logging.getLogger("intu.plugins").warning("command %r already exists; skipped", command.name)
+                continue
+            self.add_command(command)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands:
+            self._add_plugin_commands()
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=IntuGroup)
+@click.version_option(__version__, prog_name="intu")
+@click.option("--dir", "directory", type=click.Path(), default=None, envvar="INTU_DIR",
+              help="Project folder holding intu.yaml (default: the current folder).")
+@click.option("--log-level", default="info", show_default=True, envvar="INTU_LOG_LEVEL",
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.pass_context
+def cli(ctx: click.Context, directory: str | None, log_level: str) -> None:
+    """intu: a small integration engine. Channels live as files in git; plugins add types."""
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    state = ctx.ensure_object(CliState)
+    if directory is not None:
+        state.directory = Path(directory)
+
+
+@cli.command()
+@_dir_option
+@click.pass_context
+def validate(ctx: click.Context) -> None:
+    """Check intu.yaml, every channel and its stage files; print every error at once."""
+    from intu_core.engine import Engine
+
+    state: CliState = ctx.find_object(CliState)  # type: ignore[assignment]
+    registry = state.registry()
+    try:
+        project = state.project()
+        Engine(project, registry).check_stages()
+    except ConfigError as err:
+        _print_problems(err)
+        ctx.exit(1)
+    for problem in registry.errors:
+        click.echo(f"warning: {problem}", err=True)
+    click.echo(
+        f"{find_config(state.directory)}: OK: {len(project.destinations)} destination(s), "
+        f"{len(project.channels)} channel(s)"
+    )
+
+
+@cli.command()
+@_dir_option
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Run every enabled channel until SIGINT or SIGTERM."""
+    from intu_core.engine import Engine
+
+    state: CliState = ctx.find_object(CliState)  # type: ignore[assignment]
+    project = load_project_from_context(ctx)
+    for problem in state.registry().errors:
+        logging.getLogger("intu.plugins").warning("%s", problem)
+    engine = Engine(project, state.registry())
+    try:
+        engine.build()
+    except ConfigError as err:
+        _print_problems(err)
+        ctx.exit(2)
+    engine.serve_forever()
+
+
+@cli.command()
+@click.pass_context
+def plugins(ctx: click.Context) -> None:
+    """List installed plugins, their versions and the types they provide."""
+    state: CliState = ctx.ensure_object(CliState)
+    registry = state.registry()
+    registry.commands()  # fills in each plugin's commands
+    for info in registry.plugins:
+        click.echo(f"{info.distribution} {info.version} (entry point {info.name!r})")
+        if info.error:
+            click.echo(f"  ERROR: {info.error}")
+            continue
+        if info.destination_types:
+            click.echo(f"  destination types: {', '.join(info.destination_types)}")
+        if info.source_types:
+            click.echo(f"  source types: {', '.join(info.source_types)}")
+        if info.commands:
+            click.echo(f"  commands: {', '.join(info.commands)}")
+    for problem in registry.unusable.values():
+        click.echo(f"ERROR: {problem}")
+
+
+def _add_queue_commands() -> None:
+    from intu_core.queue.commands import queue
+
+    cli.add_command(queue)
+
+
+_add_queue_commands()
+
+
+def main() -> None:
+    cli(obj=None, auto_envvar_prefix=None)
+
+
+if __name__ == "__main__":
+    main()

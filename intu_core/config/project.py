@@ -1,0 +1,287 @@
+"""A project on disk: root ``intu.yaml``, ``channels/<name>/channel.yaml`` and Python stage files.
+
+``load_project`` reads everything, lets each plugin parse its own settings block, and raises one
+``ConfigError`` listing every problem found (``intu validate`` prints them all).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from intu_core.config.problems import ConfigError, Problems
+from intu_core.config.section import Section
+from intu_core.config.yamlfile import line_of, load_yaml, read_dotenv
+from intu_core.delivery import QueueSettings, RetryPolicy, parse_queue, parse_retry
+from intu_core.plugins import PluginRegistry
+
+CONFIG_FILE = "intu.yaml"
+CHANNEL_FILE = "channel.yaml"
+# Stage files picked up by convention when channel.yaml does not name them.
+DEFAULT_TRANSFORMER = "transformer.py"
+DEFAULT_FILTER = "filter.py"
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    name: str
+    type: str
+    settings: Any
+    queue: QueueSettings
+    retry: RetryPolicy
+    file: Path
+
+
+@dataclass(frozen=True)
+class ChannelDestination:
+    """A destination as one channel uses it, with its own filter and transformer."""
+
+    destination: DestinationConfig
+    filter: Path | None = None
+    transformer: Path | None = None
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    type: str
+    settings: Any
+    filter: Path | None = None
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    name: str
+    description: str
+    enabled: bool
+    folder: Path
+    source: SourceConfig
+    transformer: Path | None
+    destinations: tuple[ChannelDestination, ...]
+
+
+@dataclass(frozen=True)
+class Project:
+    root: Path
+    config_file: Path
+    data_dir: Path
+    min_free_disk_mb: int
+    destinations: Mapping[str, DestinationConfig]
+    channels: tuple[ChannelConfig, ...] = field(default_factory=tuple)
+
+    def destination(self, name: str) -> DestinationConfig:
+        try:
+            return self.destinations[name]
+        except KeyError:
+            known = ", ".join(sorted(self.destinations)) or "none"
+            raise KeyError(f"no destination named {name!r} in {self.config_file} (known: {known})") from None
+
+    def destination_settings(self, name: str) -> tuple[str, Any]:
+        dest = self.destination(name)
+        return dest.type, dest.settings
+
+
+def find_config(path: Path) -> Path:
+    return path / CONFIG_FILE if path.is_dir() else path
+
+
+def load_project(
+    path: Path, registry: PluginRegistry, env: Mapping[str, str] | None = None
+) -> Project:
+    """Load and validate the project at ``path`` (a folder holding intu.yaml, or the file)."""
+    config_file = find_config(path).resolve()
+    root = config_file.parent
+    problems = Problems()
+    merged_env = {**read_dotenv(root / ".env"), **(env if env is not None else os.environ)}
+    data = load_yaml(config_file, problems, merged_env)
+    if data is None and problems:
+        raise ConfigError(problems)
+    top = Section(data, file=config_file, path="", problems=problems)
+
+    channels_dir = root / top.str("channels_dir", "channels")
+    data_dir = Path(top.str("data_dir", "data"))
+    data_dir = data_dir if data_dir.is_absolute() else root / data_dir
+    min_free = top.int("min_free_disk_mb", 512, min=0)
+
+    destinations: dict[str, DestinationConfig] = {}
+    dest_section = top.section("destinations")
+    for name in dest_section.data:
+        parsed = _parse_destination(str(name), dest_section.section(str(name)), registry)
+        if parsed is not None:
+            destinations[str(name)] = parsed
+    dest_section.done(also_allowed=list(dest_section.data))
+    top.done()
+
+    channels: list[ChannelConfig] = []
+    if not channels_dir.is_dir():
+        if top.has("channels_dir"):
+            top.error("channels_dir", f"expected a folder of channels, found no folder at {channels_dir}")
+    else:
+        for folder in sorted(p for p in channels_dir.iterdir() if p.is_dir()):
+            if not (folder / CHANNEL_FILE).is_file():
+                continue
+            channel = _parse_channel(folder, destinations, set(dest_section.data), registry, problems, merged_env)
+            if channel is not None:
+                channels.append(channel)
+    names = [c.name for c in channels]
+    for channel in channels:
+        if names.count(channel.name) > 1:
+            problems.add_text(channel.folder / CHANNEL_FILE, "name", f"channel name {channel.name!r} is used twice")
+
+    if problems:
+        raise ConfigError(problems)
+    return Project(
+        root=root,
+        config_file=config_file,
+        data_dir=data_dir,
+        min_free_disk_mb=min_free,
+        destinations=destinations,
+        channels=tuple(channels),
+    )
+
+
+def _parse_typed(
+    kind: str, section: Section, registry: PluginRegistry
+) -> tuple[str | None, Any]:
+    """Read ``type`` and let the plugin that owns it parse the block named after it."""
+    type_name = section.str("type")
+    if type_name is None:
+        return None, None
+    registered, why = registry.lookup(kind, type_name)
+    if registered is None:
+        section.error("type", why)
+        section.raw(type_name)  # the block belongs to the missing type: do not call it unknown
+        return None, None
+    before = len(section.problems)
+    try:
+        settings = registered.parse_settings(section.section(type_name))
+    except Exception as exc:  # a plugin bug must not hide every other problem
+        section.error(type_name, f"the {type_name!r} plugin failed to parse its settings: {exc!r}")
+        return None, None
+    if len(section.problems) > before:
+        return None, None
+    return type_name, settings
+
+
+def _parse_destination(name: str, section: Section, registry: PluginRegistry) -> DestinationConfig | None:
+    type_name, settings = _parse_typed("destination", section, registry)
+    queue = parse_queue(section.section("queue"))
+    retry = parse_retry(section.section("retry"))
+    section.str("description", "")
+    section.done()
+    if type_name is None:
+        return None
+    return DestinationConfig(name, type_name, settings, queue, retry, section.file)
+
+
+def _stage_file(section: Section, key: str, folder: Path, default: str | None) -> Path | None:
+    if section.has(key):
+        path = section.path(key)
+        return path if isinstance(path, Path) and path.exists() else None
+    if default and (folder / default).is_file():
+        return folder / default
+    return None
+
+
+def _parse_channel(
+    folder: Path,
+    destinations: Mapping[str, DestinationConfig],
+    declared: set[str],
+    registry: PluginRegistry,
+    problems: Problems,
+    env: Mapping[str, str],
+) -> ChannelConfig | None:
+    file = folder / CHANNEL_FILE
+    before = len(problems)
+    data = load_yaml(file, problems, env)
+    if data is None:
+        return None
+    top = Section(data, file=file, path="", problems=problems)
+    name = top.str("name", folder.name)
+    description = top.str("description", "")
+    enabled = top.bool("enabled", True)
+
+    source_section = top.section("source")
+    if not top.has("source"):
+        top.error(None, "missing required key 'source'")
+    source_type, source_settings = _parse_typed("source", source_section, registry)
+    source_filter = _stage_file(source_section, "filter", folder, None)
+    source_section.done()
+
+    transformer = _stage_file(top, "transformer", folder, DEFAULT_TRANSFORMER)
+    top.raw("filter")  # a channel-level filter is the source filter's other spelling
+    if top.has("filter"):
+        source_filter = _stage_file(top, "filter", folder, None)
+    elif source_filter is None:
+        source_filter = _stage_file(top, "filter", folder, DEFAULT_FILTER)
+
+    used: list[ChannelDestination] = []
+    raw_list = top.raw("destinations")
+    if not raw_list:
+        top.error(None, "missing required key 'destinations' (a list of destination names or inline destinations)")
+    elif not isinstance(raw_list, list):
+        top.error("destinations", "expected a list of destination names or inline destinations")
+    else:
+        for index, item in enumerate(raw_list):
+            where = f"destinations[{index}]"
+            used_dest = _parse_channel_destination(item, where, top, folder, name, destinations, declared, registry)
+            if used_dest is not None:
+                used.append(used_dest)
+    top.done()
+    if len(problems) > before or source_type is None:
+        return None
+    return ChannelConfig(
+        name=name,
+        description=description,
+        enabled=enabled,
+        folder=folder,
+        source=SourceConfig(source_type, source_settings, source_filter),
+        transformer=transformer,
+        destinations=tuple(used),
+    )
+
+
+def _parse_channel_destination(
+    item: Any,
+    where: str,
+    top: Section,
+    folder: Path,
+    channel: str,
+    destinations: Mapping[str, DestinationConfig],
+    declared: set[str],
+    registry: PluginRegistry,
+) -> ChannelDestination | None:
+    from intu_core.config.section import _did_you_mean
+
+    if isinstance(item, str):
+        item = {"name": item}
+    section = Section(item, file=top.file, path=where, problems=top.problems, line=line_of(top.data, "destinations"))
+    if not isinstance(item, Mapping):
+        return None
+    name = section.str("name")
+    filter_file = _stage_file(section, "filter", folder, None)
+    transformer = _stage_file(section, "transformer", folder, None)
+    if name is None:
+        section.done()
+        return None
+    if section.has("type"):  # an inline destination, private to this channel
+        inline = _parse_destination(f"{channel}.{name}", section, registry)
+        if inline is None:
+            return None
+        return ChannelDestination(inline, filter_file, transformer)
+    section.done()
+    if name in declared and name not in destinations:
+        return None  # declared in intu.yaml but invalid: that error is reported there
+    if name not in destinations:
+        known = sorted(declared)
+        hint = _did_you_mean(name, known)
+        section.error(
+            "name",
+            f"unknown destination {name!r}: expected a name defined under 'destinations' in "
+            f"{CONFIG_FILE} ({', '.join(known) or 'none defined'}) or an inline destination with "
+            f"'type'{hint}",
+        )
+        return None
+    return ChannelDestination(destinations[name], filter_file, transformer)

@@ -1,0 +1,249 @@
+"""The engine: channels up and down, the hand-over from sources to queues, graceful stop.
+
+A source calls ``deliver`` for each message; the engine runs the channel's stages, then either
+enqueues the result durably for each queued destination (one transaction for the fan-out) or
+sends it straight away for an unqueued one. Only then does the source learn the outcome, so what
+it tells its sender is true.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from intu_core.config.problems import ConfigError, Problem
+from intu_core.config.project import ChannelConfig, DestinationConfig, Project
+from intu_core.delivery import DeliveryWorkers
+from intu_core.message import Acceptance, AcceptanceStatus, Message
+from intu_core.pipeline import Pipeline
+from intu_core.plugins import PluginRegistry
+from intu_core.queue.sqlite import SqliteQueueStore
+from intu_core.types import Destination, Runtime, Source
+
+log = logging.getLogger("intu.engine")
+
+
+@dataclass
+class ChannelRuntime:
+    config: ChannelConfig
+    pipeline: Pipeline
+    source: Source
+    logger: logging.Logger
+
+
+class Engine:
+    """Runs a project's enabled channels in one process."""
+
+    def __init__(self, project: Project, registry: PluginRegistry) -> None:
+        self.project = project
+        self.registry = registry
+        self.store: SqliteQueueStore | None = None
+        self.destinations: dict[str, Destination] = {}
+        self.destination_configs: dict[str, DestinationConfig] = {}
+        self.workers: dict[str, DeliveryWorkers] = {}
+        self.channels: list[ChannelRuntime] = []
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._started = False
+
+    # -- building --------------------------------------------------------------------------
+    def check_stages(self) -> None:
+        """Load every channel's stage files (what ``intu validate`` checks beyond the YAML)."""
+        self._load_pipelines()
+
+    def _load_pipelines(self) -> dict[str, Pipeline]:
+        problems: list[Problem] = []
+        pipelines: dict[str, Pipeline] = {}
+        for channel in self.project.channels:
+            logger = logging.getLogger(f"intu.channel.{channel.name}")
+            try:
+                pipelines[channel.name] = Pipeline(channel, logger)
+            except Exception as exc:  # a syntax error in a stage file, a missing function
+                problems.append(
+                    Problem(channel.folder / "channel.yaml", "", f"cannot load a stage file: {type(exc).__name__}: {exc}")
+                )
+        if problems:
+            raise ConfigError(problems)
+        return pipelines
+
+    def build(self) -> None:
+        """Load stage files and create destinations and sources; raise ConfigError on problems."""
+        enabled = [c for c in self.project.channels if c.enabled]
+        pipelines = self._load_pipelines()
+        self.project.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = SqliteQueueStore(self.project.data_dir)
+        for channel in enabled:
+            for used in channel.destinations:
+                self.destination_configs.setdefault(used.destination.name, used.destination)
+        for name, config in self.destination_configs.items():
+            registered, _ = self.registry.lookup("destination", config.type)
+            runtime = Runtime(name, self.project.data_dir, logging.getLogger(f"intu.destination.{name}"), self.registry.hook)
+            self.destinations[name] = registered.create(config.settings, runtime)
+        for channel in enabled:
+            registered, _ = self.registry.lookup("source", channel.source.type)
+            logger = logging.getLogger(f"intu.channel.{channel.name}")
+            runtime = Runtime(channel.name, self.project.data_dir, logger, self.registry.hook)
+            source = registered.create(channel.source.settings, runtime)
+            self.channels.append(ChannelRuntime(channel, pipelines[channel.name], source, logger))
+
+    # -- running ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.channels and not self.destinations:
+            self.build()
+        assert self.store is not None
+        recovered = self.store.recover()
+        if recovered:
+            log.warning(
+                "recovered %d message(s) that were being sent when the engine stopped; they will be "
+                "sent again (at-least-once: the receiver may see them twice)",
+                recovered,
+            )
+        for name, config in self.destination_configs.items():
+            if config.queue.enabled:
+                workers = DeliveryWorkers(
+                    self.store, name, self.destinations[name], config.retry, config.queue.threads,
+                    logging.getLogger(f"intu.destination.{name}"),
+                )
+                workers.start()
+                self.workers[name] = workers
+        for channel in self.channels:
+            channel.source.start(lambda message, ch=channel: self.deliver(ch, message))
+            log.info("channel %s: %s source started", channel.config.name, channel.config.source.type)
+        self._started = True
+        self.registry.hook.intu_engine_started(engine=self)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let in-flight associations and sends finish, then close everything."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+        if self._started:
+            self.registry.hook.intu_engine_stopping(engine=self)
+        for channel in self.channels:
+            try:
+                channel.source.stop()
+            except Exception:
+                log.exception("channel %s: source did not stop cleanly", channel.config.name)
+        for workers in self.workers.values():
+            workers.stop(timeout)
+        for name, destination in self.destinations.items():
+            try:
+                destination.close()
+            except Exception:
+                log.exception("destination %s did not close cleanly", name)
+        if self.store is not None:
+            self.store.close()
+        log.info("engine stopped")
+
+    def serve_forever(self) -> None:
+        """Run until SIGINT or SIGTERM, then stop gracefully."""
+        wake = threading.Event()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("received %s: stopping", signal.Signals(signum).name)
+            wake.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            log.info("intu is serving %d channel(s); data in %s", len(self.channels), self.project.data_dir)
+            wake.wait()
+        finally:
+            self.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    # -- the hand-over from a source -------------------------------------------------------
+    def deliver(self, channel: ChannelRuntime, message: Message) -> Acceptance:
+        """Run ``message`` through ``channel`` and keep it durably. Owns ``message.files`` from here."""
+        assert self.store is not None
+        name = channel.config.name
+        if not message.channel:
+            message = message.replace(channel=name)
+        try:
+            busy = self._busy_reason(channel)
+            if busy:
+                channel.logger.warning("message %s refused: %s", message.id, busy)
+                self._release(message.files)
+                return Acceptance(AcceptanceStatus.BUSY, busy)
+            result = channel.pipeline.run(message)
+            if result.error is not None:
+                err = result.error
+                self.store.record_error(message, f"channel:{name}", f"{err.stage}: {err.summary}\n{err.detail}")
+                channel.logger.error("message %s errored in %s: %s (kept; see intu queue list --state errored)", message.id, err.stage, err.summary)
+                return Acceptance(AcceptanceStatus.FAILED, f"{err.stage}: {err.summary}")
+            if result.filtered:
+                channel.logger.info("message %s filtered", message.id)
+                self._release(message.files)
+                return Acceptance(AcceptanceStatus.FILTERED)
+            return self._hand_over(channel, message, result.outputs)
+        except OSError as exc:  # the disk filled up under us: refuse, keep nothing half-written
+            channel.logger.error("message %s refused: cannot store it: %s", message.id, exc)
+            self._release(message.files)
+            return Acceptance(AcceptanceStatus.BUSY, f"cannot store the message: {exc.strerror or exc}")
+        except Exception as exc:
+            channel.logger.exception("message %s: unexpected error", message.id)
+            self._release(message.files)
+            return Acceptance(AcceptanceStatus.FAILED, f"internal error: {exc}")
+
+    def _busy_reason(self, channel: ChannelRuntime) -> str:
+        assert self.store is not None
+        free_mb = shutil.disk_usage(self.project.data_dir).free // (1024 * 1024)
+        if free_mb < self.project.min_free_disk_mb:
+            return (
+                f"disk nearly full: {free_mb} MiB free in {self.project.data_dir}, "
+                f"below min_free_disk_mb={self.project.min_free_disk_mb}"
+            )
+        for used in channel.config.destinations:
+            queue = used.destination.queue
+            if queue.enabled and queue.max_size and self.store.size(used.destination.name) >= queue.max_size:
+                return f"queue {used.destination.name} is full ({queue.max_size} messages)"
+        return ""
+
+    def _hand_over(self, channel: ChannelRuntime, message: Message, outputs: list[tuple[str, Message]]) -> Acceptance:
+        assert self.store is not None
+        queued = [(d, m) for d, m in outputs if self.destination_configs[d].queue.enabled]
+        direct = [(d, m) for d, m in outputs if not self.destination_configs[d].queue.enabled]
+        if queued:
+            self.store.enqueue(queued)
+            for dest_name, _ in queued:
+                self.workers[dest_name].notify()
+        failures = []
+        for dest_name, out in direct:
+            result = self.destinations[dest_name].send(out)
+            if not result.delivered:
+                failures.append((dest_name, result))
+        self._release({f for _, m in outputs for f in m.files} | set(message.files))
+        summary = ", ".join(
+            f"{d} ({'queued' if self.destination_configs[d].queue.enabled else 'sent'})" for d, _ in outputs
+        )
+        if failures:
+            dest_name, result = failures[0]
+            channel.logger.error("message %s: %s failed: %s", message.id, dest_name, result.detail)
+            status = AcceptanceStatus.BUSY if result.status.value == "retryable" else AcceptanceStatus.FAILED
+            return Acceptance(status, f"{dest_name}: {result.detail}")
+        channel.logger.info("message %s accepted: %s", message.id, summary)
+        return Acceptance(AcceptanceStatus.ACCEPTED)
+
+    def _release(self, files: Iterable[str]) -> None:
+        """Delete message files that no queued or kept entry refers to."""
+        if self.store is not None and files:
+            self.store.release_files(list(files))
+
+    # -- for tests and operators -----------------------------------------------------------
+    def channel(self, name: str) -> ChannelRuntime:
+        for channel in self.channels:
+            if channel.config.name == name:
+                return channel
+        raise KeyError(name)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.project.data_dir

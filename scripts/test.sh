@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install intu, its DICOM plugin and the test tools, then run every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install --quiet -e ".[test]" -e ./plugins/intu_dicom_destination
+python3 -m pytest -q "$@"
