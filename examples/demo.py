@@ -59,7 +59,7 @@ def main() -> int:
     originals = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: pixel_hash(p) for p in study}
     print(f"generated {len(study)} CT instances in {work / 'study'}")
 
-    intu = [sys.executable, "-m", "intu_core.cli", "--dir", str(EXAMPLES)]
+    intu = [sys.executable, "-m", "intu_core", "--dir", str(EXAMPLES)]
     server = subprocess.Popen([*intu, "serve"], env=env)
     ok = False
     try:

@@ -189,4 +189,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Under `python -m intu_core.cli` this file is a second module; plugins import the real one.
+    from intu_core.cli import main as _main
+
+    _main()

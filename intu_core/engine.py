@@ -23,6 +23,7 @@ from intu_core.delivery import DeliveryWorkers
 from intu_core.message import Acceptance, AcceptanceStatus, Message
 from intu_core.pipeline import Pipeline
 from intu_core.plugins import PluginRegistry
+from intu_core.queue import channel_queue
 from intu_core.queue.sqlite import SqliteQueueStore
 from intu_core.types import Destination, Runtime, Source
 
@@ -176,7 +177,7 @@ class Engine:
             result = channel.pipeline.run(message)
             if result.error is not None:
                 err = result.error
-                self.store.record_error(message, f"channel:{name}", f"{err.stage}: {err.summary}\n{err.detail}")
+                self.store.record_error(message, channel_queue(name), f"{err.stage}: {err.summary}\n{err.detail}")
                 channel.logger.error("message %s errored in %s: %s (kept; see intu queue list --state errored)", message.id, err.stage, err.summary)
                 return Acceptance(AcceptanceStatus.FAILED, f"{err.stage}: {err.summary}")
             if result.filtered:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from conftest import write
+from project_files import write
 
 from intu_core.message import AcceptanceStatus, Message
 from intu_core.queue import EntryState

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import fake_distribution, write
+from project_files import fake_distribution, write
 
 from intu_core.cli import cli
 from intu_core.config.problems import ConfigError

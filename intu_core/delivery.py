@@ -1,0 +1,325 @@
+"""Delivery from a durable queue to one destination: retry policy, queue settings, workers.
+
+Each destination with a queue gets a ``DeliveryWorkers``: ``threads`` workers that claim entries
+from the store, call ``destination.send``, and record what happened::
+
+    SUCCESS / WARNING      → complete (WARNING logged with its detail)
+    RETRYABLE              → retry_later after the policy's delay, or dead letter at max_attempts
+    PERMANENT              → dead letter with the reason
+    send raised            → a bug in the destination: logged with the traceback, treated as RETRYABLE
+
+Idle workers block on a ``threading.Condition`` until ``notify()`` (called after an enqueue) or
+until the next retry is due. They also look at the queue every ``idle_recheck_s`` seconds (5 s by
+default), so that entries put back by ``intu queue retry`` from another process are picked up
+without a restart; that is a handful of cheap queries a minute, not a polling loop.
+
+Configuration (under a destination in ``intu.yaml``)::
+
+    retry: {max_attempts: 0, backoff: exponential, initial_delay_ms: 1000, max_delay_ms: 300000,
+            jitter: 0.2}
+    queue: {enabled: true, threads: 2, max_size: 100000}
+
+Defaults, chosen for a DICOM router that must never lose an image: retry a retryable failure
+forever (``max_attempts: 0``), backing off exponentially from 1 s to at most 5 minutes with ±20 %
+jitter (so that many queued images do not hit a recovering PACS at the same instant). A PACS down
+for an hour, or a weekend, costs a few hundred attempts per image and loses nothing; the queue's
+depth and oldest age (``intu queue list``) are the alarm, and a source answers "out of resources"
+once ``max_size`` entries are waiting. Permanent failures (the PACS refuses the image) are
+dead-lettered at once. Set ``max_attempts`` to dead-letter retryable failures after that many
+attempts instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from intu_core.message import SendResult, SendStatus
+from intu_core.queue import Entry, QueueStore
+from intu_core.types import Destination
+
+if TYPE_CHECKING:
+    from intu_core.config.section import Section
+
+BACKOFFS = ("constant", "linear", "exponential")
+
+
+class _Uniform(Protocol):
+    def uniform(self, a: float, b: float) -> float: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to try a retryable failure again, and when to give up.
+
+    ``max_attempts``: attempts in all before dead-lettering (0 = never give up on a retryable
+    failure). The delay after attempt *n* (1-based) is ``initial`` (constant), ``initial × n``
+    (linear) or ``initial × 2^(n-1)`` (exponential), capped at ``max_delay_ms``, then scaled by a
+    random factor in ``[1 - jitter, 1 + jitter]``.
+    """
+
+    max_attempts: int = 0
+    backoff: str = "exponential"
+    initial_delay_ms: int = 1000
+    max_delay_ms: int = 300_000
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.backoff not in BACKOFFS:
+            raise ValueError(f"backoff must be one of {', '.join(BACKOFFS)}, not {self.backoff!r}")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ValueError(f"jitter must be between 0 and 1, not {self.jitter}")
+        if self.max_attempts < 0 or self.initial_delay_ms < 0 or self.max_delay_ms < 0:
+            raise ValueError("max_attempts and delays must not be negative")
+
+    def delay_s(self, attempt: int, rng: _Uniform = random) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1 = the first send)."""
+        n = max(1, attempt)
+        if self.backoff == "constant":
+            base = float(self.initial_delay_ms)
+        elif self.backoff == "linear":
+            base = float(self.initial_delay_ms) * n
+        else:
+            base = float(self.initial_delay_ms) * 2.0 ** min(n - 1, 64)  # 2^64: capped below anyway
+        base = min(base, float(self.max_delay_ms))
+        if self.jitter:
+            base *= rng.uniform(1.0 - self.jitter, 1.0 + self.jitter)
+        return max(0.0, base) / 1000.0
+
+    def exhausted(self, attempts: int) -> bool:
+        """True when ``attempts`` attempts used up the allowance (never when max_attempts is 0)."""
+        return self.max_attempts > 0 and attempts >= self.max_attempts
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """A destination's queue. ``enabled: false`` sends from the pipeline, without a durable queue
+    (the source's sender then waits for the destination); ``max_size`` 0 means no limit."""
+
+    enabled: bool = True
+    max_size: int = 100_000
+    threads: int = 2
+
+
+def parse_retry(section: Section) -> RetryPolicy:
+    """The ``retry:`` block of a destination; problems are recorded in ``section``."""
+    default = RetryPolicy()
+    max_attempts = section.int("max_attempts", default.max_attempts, min=0)
+    backoff = section.str("backoff", default.backoff, choices=BACKOFFS)
+    initial = section.int("initial_delay_ms", default.initial_delay_ms, min=0)
+    maximum = section.int("max_delay_ms", max(default.max_delay_ms, initial or 0), min=0)
+    jitter = section.float("jitter", default.jitter, min=0.0)
+    if jitter > 1.0:
+        section.error("jitter", f"expected a fraction from 0 to 1, found {jitter}")
+        jitter = default.jitter
+    if maximum < initial:
+        section.error("max_delay_ms", f"expected at least initial_delay_ms ({initial}), found {maximum}")
+        maximum = initial
+    section.done()
+    return RetryPolicy(max_attempts, backoff, initial, maximum, max(0.0, jitter))
+
+
+def parse_queue(section: Section) -> QueueSettings:
+    """The ``queue:`` block of a destination; problems are recorded in ``section``."""
+    default = QueueSettings()
+    settings = QueueSettings(
+        enabled=section.bool("enabled", default.enabled),
+        max_size=section.int("max_size", default.max_size, min=0),
+        threads=section.int("threads", default.threads, min=1, max=64),
+    )
+    section.done()
+    return settings
+
+
+class DeliveryWorkers:
+    """``threads`` workers delivering the entries of one queue to one destination.
+
+    With one thread, entries go out in enqueue order (among those due). ``notify()`` after each
+    enqueue wakes a sleeping worker. ``stop()`` lets in-flight sends finish and starts no new one.
+    Counters (``delivered``, ``warnings``, ``retries``, ``dead``, ``raised``) sum up what happened.
+    """
+
+    def __init__(
+        self,
+        store: QueueStore,
+        queue_name: str,
+        destination: Destination,
+        policy: RetryPolicy,
+        threads: int = 2,
+        logger: logging.Logger | None = None,
+        *,
+        idle_recheck_s: float = 5.0,
+    ) -> None:
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        self.store = store
+        self.queue = queue_name
+        self.destination = destination
+        self.policy = policy
+        self.threads = threads
+        self.log = logger or logging.getLogger(f"intu.delivery.{queue_name}")
+        self.idle_recheck_s = idle_recheck_s
+        self._cond = threading.Condition()
+        self._generation = 0  # bumped by notify(), so a wake-up between claim and wait is not lost
+        self._stopping = False
+        self._workers: list[threading.Thread] = []
+        self._counts_lock = threading.Lock()
+        self.counts: dict[str, int] = dict.fromkeys(("delivered", "warnings", "retries", "dead", "raised"), 0)
+
+    # -- control ---------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._workers:
+            raise RuntimeError(f"delivery workers for {self.queue} are already started")
+        for i in range(self.threads):
+            thread = threading.Thread(
+                target=self._run, name=f"intu-deliver-{self.queue}-{i + 1}", daemon=True
+            )
+            self._workers.append(thread)
+            thread.start()
+
+    def notify(self) -> None:
+        """Something was enqueued (or became due): wake one sleeping worker."""
+        with self._cond:
+            self._generation += 1
+            self._cond.notify()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Start no new send, wait up to ``timeout`` seconds for in-flight sends; True if all ended.
+
+        An entry still in flight when the process exits is sent again after the restart
+        (``QueueStore.recover``).
+        """
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in self._workers:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            thread.join(remaining)
+        return not any(t.is_alive() for t in self._workers)
+
+    def _count(self, name: str) -> None:
+        with self._counts_lock:
+            self.counts[name] += 1
+
+    # -- the worker loop -------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                generation = self._generation
+            try:
+                entry = self.store.claim(self.queue)
+            except Exception:
+                self.log.exception("queue %s: could not read the queue; trying again in 1 s", self.queue)
+                self._sleep(1.0, generation)
+                continue
+            if entry is None:
+                self._wait_for_work(generation)
+            else:
+                self._deliver(entry)
+
+    def _wait_for_work(self, generation: int) -> None:
+        try:
+            due = self.store.next_due(self.queue)
+        except Exception:
+            self.log.exception("queue %s: could not read the queue", self.queue)
+            due = None
+        timeout = self.idle_recheck_s
+        if due is not None:
+            # A little late rather than early: waking before the entry is due would loop once more.
+            timeout = min(timeout, max(0.0, due - time.time()) + 0.001)
+        self._sleep(timeout, generation)
+
+    def _sleep(self, timeout: float, generation: int) -> None:
+        with self._cond:
+            if self._stopping or self._generation != generation:
+                return
+            self._cond.wait(timeout)
+
+    def _deliver(self, entry: Entry) -> None:
+        attempt = entry.attempts + 1
+        message = entry.message
+        try:
+            result = self.destination.send(message)
+            if not isinstance(result, SendResult):
+                raise TypeError(f"send() returned {type(result).__name__}, not a SendResult")
+        except Exception as exc:
+            self._count("raised")
+            self.log.error(
+                "queue %s: the destination raised while sending message %s (a bug in the destination;"
+                " the message is kept and retried)",
+                self.queue,
+                message.id,
+                exc_info=True,
+            )
+            result = SendResult.retryable(f"destination raised {type(exc).__name__}: {exc}")
+        try:
+            self._record(entry, attempt, result)
+        except Exception:
+            self.log.exception(
+                "queue %s: could not record the result of sending message %s (entry %s): it stays in"
+                " flight and is sent again after a restart",
+                self.queue,
+                message.id,
+                entry.id,
+            )
+
+    def _record(self, entry: Entry, attempt: int, result: SendResult) -> None:
+        status = result.status
+        what = f"message {entry.message.id} (entry {entry.id})"
+        if result.delivered:
+            self.store.complete(entry.id, result)
+            self._count("delivered")
+            if status is SendStatus.WARNING:
+                self._count("warnings")
+                self.log.warning("queue %s: %s delivered with a warning: %s", self.queue, what, _why(result))
+            elif attempt > 1:
+                self.log.info("queue %s: %s delivered after %d attempts", self.queue, what, attempt)
+            else:
+                self.log.debug("queue %s: %s delivered", self.queue, what)
+        elif status is SendStatus.RETRYABLE and not self.policy.exhausted(attempt):
+            delay = self.policy.delay_s(attempt)
+            self.store.retry_later(entry.id, result, time.time() + delay)
+            self._count("retries")
+            self.log.info(
+                "queue %s: %s not delivered (attempt %d): %s; retrying in %.1f s",
+                self.queue,
+                what,
+                attempt,
+                _why(result),
+                delay,
+            )
+        else:
+            self.store.dead_letter(entry.id, result)
+            self._count("dead")
+            reason = "failed permanently" if status is SendStatus.PERMANENT else "gave up"
+            self.log.error(
+                "queue %s: %s dead-lettered, %s after %d attempt(s): %s (see: intu queue show %s)",
+                self.queue,
+                what,
+                reason,
+                attempt,
+                _why(result),
+                entry.id,
+            )
+
+
+def _why(result: SendResult) -> str:
+    text = result.detail or result.status.value
+    return f"{text} (status 0x{result.code:04X})" if result.code is not None else text
+
+
+__all__ = [
+    "BACKOFFS",
+    "DeliveryWorkers",
+    "QueueSettings",
+    "RetryPolicy",
+    "parse_queue",
+    "parse_retry",
+]

@@ -1,0 +1,263 @@
+"""``intu queue``: look at, retry and purge the durable queues, also while ``intu serve`` runs.
+
+The commands open the queue database of the project's data directory as a second connection; SQLite's
+busy timeout makes them wait for the engine's short transactions (and the engine for theirs). A
+running engine picks up entries put back by ``intu queue retry`` within a few seconds.
+
+The command object in ``ctx.obj`` must have a ``data_dir() -> Path`` method (the ``intu`` CLI's
+state object does).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from intu_core.config.problems import ConfigError
+from intu_core.queue import Entry, EntryState, QueueStats
+from intu_core.queue.sqlite import DB_NAME, SqliteQueueStore
+
+_STATES = [s.value for s in EntryState]
+_PURGEABLE = [s.value for s in EntryState if s is not EntryState.IN_FLIGHT]
+
+
+@contextmanager
+def _open_store(ctx: click.Context, must_exist: bool = True) -> Iterator[SqliteQueueStore | None]:
+    try:
+        data_dir = ctx.obj.data_dir()
+    except ConfigError as err:
+        click.echo(f"{len(err.problems)} configuration error(s):", err=True)
+        for problem in err.problems:
+            click.echo(f"  {problem}", err=True)
+        ctx.exit(2)
+    if not (data_dir / DB_NAME).exists():
+        if must_exist:
+            raise click.ClickException(f"no queue database yet at {data_dir / DB_NAME}")
+        yield None
+        return
+    store = SqliteQueueStore(data_dir)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _queue_option(fn: Any) -> Any:
+    return click.option(
+        "--destination",
+        "--queue",
+        "-d",
+        "queue_name",
+        metavar="NAME",
+        help="Only this destination's queue (or a channel's error queue, channel:NAME).",
+    )(fn)
+
+
+@click.group()
+def queue() -> None:
+    """Look at, retry and purge the delivery queues (also while intu serve runs)."""
+
+
+@queue.command("list")
+@_queue_option
+@click.option("--state", "-s", type=click.Choice(_STATES), help="List the entries in this state.")
+@click.option("--limit", default=100, show_default=True, help="At most this many entries (with --state).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def list_command(
+    ctx: click.Context, queue_name: str | None, state: str | None, limit: int, as_json: bool
+) -> None:
+    """Per queue: pending, in flight, dead, errored, oldest age. With --state: the entries."""
+    with _open_store(ctx, must_exist=False) as store:
+        if state is None:
+            stats = store.stats() if store is not None else []
+            if queue_name is not None:
+                stats = [s for s in stats if s.queue == queue_name] or [QueueStats(queue_name)]
+            _print_stats(stats, as_json)
+            return
+        entries = store.list_entries(queue_name, EntryState(state), limit) if store is not None else []
+        _print_entries(entries, as_json)
+
+
+def _print_stats(stats: list[QueueStats], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([{**vars(s), "depth": s.depth} for s in stats], indent=2))
+        return
+    if not stats:
+        click.echo("no queued messages")
+        return
+    header = ("QUEUE", "PENDING", "IN-FLIGHT", "DEAD", "ERRORED", "OLDEST", "DELIVERED")
+    rows = [
+        (
+            s.queue,
+            str(s.pending),
+            str(s.in_flight),
+            str(s.dead),
+            str(s.errored),
+            _age(s.oldest_age_s),
+            str(s.delivered),
+        )
+        for s in stats
+    ]
+    _print_table(header, rows)
+
+
+def _print_entries(entries: list[Entry], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([_entry_json(e, body=False) for e in entries], indent=2))
+        return
+    if not entries:
+        click.echo("no entries")
+        return
+    header = ("ID", "QUEUE", "STATE", "ATTEMPTS", "LAST ERROR")
+    rows = [(e.id, e.queue, e.state.value, str(e.attempts), _one_line(e.last_error, 80)) for e in entries]
+    _print_table(header, rows)
+
+
+@queue.command("show")
+@click.argument("entry_id")
+@click.option("--body", "full_body", is_flag=True, help="Print the whole message body, not a summary.")
+@click.pass_context
+def show_command(ctx: click.Context, entry_id: str, full_body: bool) -> None:
+    """One entry as JSON: state, attempt history, message metadata and a body summary."""
+    with _open_store(ctx) as store:
+        assert store is not None
+        entry = store.get(entry_id)
+    if entry is None:
+        raise click.ClickException(f"no queue entry {entry_id} (see: intu queue list --state dead)")
+    click.echo(json.dumps(_entry_json(entry, body=True, full_body=full_body), indent=2, default=str))
+
+
+@queue.command("retry")
+@click.argument("entry_ids", nargs=-1)
+@_queue_option
+@click.option("--all-dead", is_flag=True, help="Every dead entry of every queue.")
+@click.pass_context
+def retry_command(
+    ctx: click.Context, entry_ids: tuple[str, ...], queue_name: str | None, all_dead: bool
+) -> None:
+    """Put dead (or errored) entries back in their queue, to be sent now.
+
+    With IDs: those entries (dead or errored). With --destination only: its dead entries.
+    """
+    if not entry_ids and queue_name is None and not all_dead:
+        raise click.UsageError("name entry IDs, or --destination NAME, or --all-dead")
+    with _open_store(ctx) as store:
+        assert store is not None
+        if entry_ids:
+            count = store.retry(queue_name, list(entry_ids), state=None)
+        else:
+            count = store.retry(queue_name, None, state=EntryState.DEAD)
+    click.echo(f"{count} entr{'y' if count == 1 else 'ies'} put back in the queue")
+    if entry_ids and count < len(entry_ids):
+        click.echo(
+            f"{len(entry_ids) - count} of the given entries were not retried: unknown, not dead or"
+            " errored, or errored in a channel (the engine runs those through the channel again)",
+            err=True,
+        )
+
+
+@queue.command("purge")
+@click.argument("entry_ids", nargs=-1)
+@_queue_option
+@click.option("--state", "-s", type=click.Choice(_PURGEABLE), help="Only entries in this state.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def purge_command(
+    ctx: click.Context,
+    entry_ids: tuple[str, ...],
+    queue_name: str | None,
+    state: str | None,
+    yes: bool,
+) -> None:
+    """Delete entries for good, with their files (never entries being sent right now)."""
+    if not entry_ids and queue_name is None and state is None:
+        raise click.UsageError("name entry IDs, or --destination NAME, or --state STATE")
+    with _open_store(ctx) as store:
+        assert store is not None
+        if not yes:
+            what = [f"{len(entry_ids)} given entries" if entry_ids else "entries"]
+            if queue_name:
+                what.append(f"of {queue_name}")
+            if state:
+                what.append(f"in state {state}")
+            click.confirm(f"Delete {' '.join(what)} and their files for good?", abort=True)
+        count = store.purge(
+            queue_name, EntryState(state) if state else None, list(entry_ids) if entry_ids else None
+        )
+    click.echo(f"{count} entr{'y' if count == 1 else 'ies'} purged")
+
+
+# -- formatting ----------------------------------------------------------------------------
+def _print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [
+            cell.ljust(w) if i == 0 or not cell.isdigit() else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        click.echo("  ".join(cells).rstrip())
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _one_line(text: str, width: int) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    # For a traceback the last line says what went wrong.
+    line = (lines[-1] if text.startswith("Traceback") or "\nTraceback" in text else lines[0]) if lines else ""
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def _entry_json(entry: Entry, *, body: bool, full_body: bool = False) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": entry.id,
+        "queue": entry.queue,
+        "state": entry.state.value,
+        "attempts": entry.attempts,
+        "next_attempt_at": _when(entry.next_attempt_at),
+        "created_at": _when(entry.created_at),
+        "updated_at": _when(entry.updated_at),
+        "last_error": entry.last_error,
+    }
+    if not body:
+        data["message_id"] = entry.message.id
+        return data
+    data["history"] = [{**h, "at": _when(h["at"])} for h in entry.history]
+    message = entry.message.to_json()
+    summary = {k: v for k, v in message.items() if k != "body"}
+    summary["body"] = message["body"] if full_body else _summarise(message["body"])
+    data["message"] = summary
+    return data
+
+
+def _summarise(value: Any, depth: int = 0) -> Any:
+    """Short values as they are; long strings, big mappings and lists as a description."""
+    if isinstance(value, str):
+        return value if len(value) <= 120 else f"<text, {len(value)} characters>"
+    if isinstance(value, dict):
+        if depth >= 1:
+            return f"<mapping, {len(value)} keys>"
+        return {str(k): _summarise(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return f"<list, {len(value)} items>"
+    return value

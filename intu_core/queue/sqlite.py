@@ -1,0 +1,550 @@
+"""The embedded queue backend: one SQLite database, ``<data_dir>/queue.db``, in WAL mode.
+
+Schema (``PRAGMA user_version = 1``)::
+
+    entries(seq INTEGER PRIMARY KEY,        -- enqueue order; ties on next_attempt_at go by seq
+            id TEXT UNIQUE, queue TEXT, state TEXT, attempts INTEGER,
+            next_attempt_at REAL, created_at REAL, updated_at REAL,   -- epoch seconds
+            last_error TEXT, history TEXT,   -- JSON list of the last 50 attempts
+            files TEXT,                      -- JSON list of the message's files (distinct)
+            message TEXT)                    -- Message.to_json() as JSON
+    index entries_by_queue(queue, state, next_attempt_at, seq)
+    files(path TEXT PRIMARY KEY, refs INTEGER)       -- entries that still need the file
+    counters(queue, name, value)                     -- "delivered", "recovered" per queue
+
+Delivered entries are deleted (keeping them would grow the database forever); the ``delivered``
+counter remembers how many there were.
+
+Threads share one connection behind a lock. Measured on this project's 2-core machine (ext4,
+synchronous=FULL; 4 threads enqueueing 1600 messages while 2 threads claim and complete them): one
+shared connection enqueued ~2,800/s against ~2,000/s with one connection per thread, and delivered
+all in about the same time (~1,700/s). SQLite allows one writer at a time anyway, and a connection
+waiting on another's write lock sleeps in its busy handler, whereas a Python lock hands over at
+once. A claim is committed without an fsync (see ``claim``): that alone took end-to-end throughput
+from ~1,300/s to ~1,450/s. A second process (``intu queue ...`` while ``intu serve`` runs) is a
+second connection: ``busy_timeout`` makes each side wait for the other's short transactions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from intu_core.message import Message, SendResult
+from intu_core.queue import (
+    Entry,
+    EntryState,
+    QueueStats,
+    attempt_record,
+    is_destination_queue,
+)
+
+log = logging.getLogger("intu.queue")
+
+DB_NAME = "queue.db"
+SCHEMA_VERSION = 1
+HISTORY_LIMIT = 50
+
+_PENDING = EntryState.PENDING.value
+_IN_FLIGHT = EntryState.IN_FLIGHT.value
+_DEAD = EntryState.DEAD.value
+_ERRORED = EntryState.ERRORED.value
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    queue TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    history TEXT NOT NULL DEFAULT '[]',
+    files TEXT NOT NULL DEFAULT '[]',
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_by_queue ON entries (queue, state, next_attempt_at, seq);
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,
+    refs INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (
+    queue TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (queue, name)
+) WITHOUT ROWID;
+"""
+
+_COLUMNS = "id, queue, state, attempts, next_attempt_at, created_at, updated_at, last_error, history, message"
+
+
+class SqliteQueueStore:
+    """The ``QueueStore`` kept in ``data_dir/queue.db`` (see the module docstring for the schema).
+
+    Safe for use from many threads of one process and from other processes at the same time.
+    """
+
+    def __init__(self, data_dir: Path, *, busy_timeout_ms: int = 30_000) -> None:
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.data_dir / DB_NAME
+        self._lock = threading.Lock()
+        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so that a write
+        # transaction takes the write lock up front (a deferred one that upgrades later can fail with
+        # SQLITE_BUSY without waiting, when another process wrote in between).
+        self._conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise RuntimeError(f"cannot put the queue database {self.path} in WAL mode (got {mode!r})")
+        # FULL: a committed enqueue is what a source answers "success" on (the sender may then delete
+        # its copy), so the WAL must be fsynced at every commit, not only at checkpoints. NORMAL would
+        # survive kill -9 but could lose the last commits on a power cut or kernel crash.
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self._create_schema()
+        self._closed = False
+
+    # -- connection handling ---------------------------------------------------------------
+    def _create_schema(self) -> None:
+        with self._lock:
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the queue database {self.path} has schema version {version}, newer than this "
+                    f"intu understands ({SCHEMA_VERSION}); upgrade intu"
+                )
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction. ``durable=False`` skips the fsync at commit (see ``claim``)."""
+        with self._lock:
+            conn = self._conn
+            if not durable:
+                conn.execute("PRAGMA synchronous = NORMAL")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            finally:
+                if not durable:
+                    conn.execute("PRAGMA synchronous = FULL")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._conn
+
+    # -- writing ---------------------------------------------------------------------------
+    def enqueue(self, items: Sequence[tuple[str, Message]]) -> list[str]:
+        """Add each ``(queue, message)`` as a pending entry in one transaction; durable on return.
+
+        Raises ``TypeError`` when a message is not JSON-serialisable (nothing is stored then).
+        """
+        now = time.time()
+        rows: list[tuple[Any, ...]] = []
+        refs: list[tuple[str]] = []
+        encoded: dict[int, tuple[str, str, list[str]]] = {}
+        for queue, message in items:
+            key = id(message)
+            if key not in encoded:
+                files = _distinct(message.files)
+                encoded[key] = (_encode_message(message), json.dumps(files), files)
+            text, files_json, files = encoded[key]
+            entry_id = uuid.uuid4().hex
+            rows.append((entry_id, queue, _PENDING, now, now, now, files_json, text))
+            refs.extend((path,) for path in files)
+        if not rows:
+            return []
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO entries (id, queue, state, next_attempt_at, created_at, updated_at, files,"
+                " message) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            _add_refs(conn, refs)
+        return [row[0] for row in rows]
+
+    def record_error(self, message: Message, queue: str, reason: str) -> str:
+        """Keep a message the pipeline failed on as ``errored`` with ``reason``; it holds its files."""
+        now = time.time()
+        files = _distinct(message.files)
+        entry_id = uuid.uuid4().hex
+        history = json.dumps([attempt_record(now, reason)])
+        text = _encode_message(message)
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO entries (id, queue, state, next_attempt_at, created_at, updated_at,"
+                " last_error, history, files, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (entry_id, queue, _ERRORED, now, now, now, reason, history, json.dumps(files), text),
+            )
+            _add_refs(conn, [(path,) for path in files])
+        return entry_id
+
+    def claim(self, queue: str, now: float | None = None) -> Entry | None:
+        """The oldest due pending entry of ``queue``, marked in flight in the same statement.
+
+        Not fsynced: losing a claim on a power cut only leaves the entry pending, which is what
+        ``recover()`` would make of it anyway. The next durable commit syncs it along.
+        """
+        now = time.time() if now is None else now
+        with self._write(durable=False) as conn:
+            row = conn.execute(
+                f"UPDATE entries SET state = '{_IN_FLIGHT}', updated_at = ? WHERE seq = ("
+                f" SELECT seq FROM entries WHERE queue = ? AND state = '{_PENDING}'"
+                "  AND next_attempt_at <= ? ORDER BY next_attempt_at, seq LIMIT 1)"
+                f" RETURNING {_COLUMNS}",
+                (now, queue, now),
+            ).fetchone()
+        return _entry(row) if row is not None else None
+
+    def complete(self, entry_id: str, result: SendResult | None = None) -> bool:
+        """Delivered: delete the entry, count it, and delete files no other entry needs."""
+        with self._write() as conn:
+            row = conn.execute(
+                f"DELETE FROM entries WHERE id = ? AND state = '{_IN_FLIGHT}' RETURNING queue, files",
+                (entry_id,),
+            ).fetchone()
+            if row is None:
+                return False
+            _count(conn, row["queue"], "delivered", 1)
+            unused = _release(conn, [json.loads(row["files"])])
+        _unlink(unused)
+        return True
+
+    def retry_later(self, entry_id: str, result: SendResult | str, at: float) -> bool:
+        """Back to pending from ``at`` with one more attempt recorded in the history."""
+        return self._settle(entry_id, result, _PENDING, at, (_IN_FLIGHT,))
+
+    def dead_letter(self, entry_id: str, result_or_reason: SendResult | str) -> bool:
+        """State dead with the reason. A ``SendResult`` counts as an attempt; text is a note."""
+        return self._settle(entry_id, result_or_reason, _DEAD, None, (_IN_FLIGHT, _PENDING))
+
+    def _settle(
+        self,
+        entry_id: str,
+        result: SendResult | str,
+        state: str,
+        at: float | None,
+        from_states: tuple[str, ...],
+    ) -> bool:
+        now = time.time()
+        record = attempt_record(now, result)
+        tried = 1 if isinstance(result, SendResult) else 0
+        marks = ", ".join("?" * len(from_states))
+        with self._write() as conn:
+            row = conn.execute(
+                f"SELECT history, next_attempt_at FROM entries WHERE id = ? AND state IN ({marks})",
+                (entry_id, *from_states),
+            ).fetchone()
+            if row is None:
+                return False
+            history = json.loads(row["history"])
+            history.append(record)
+            conn.execute(
+                "UPDATE entries SET state = ?, attempts = attempts + ?, next_attempt_at = ?,"
+                " updated_at = ?, last_error = ?, history = ? WHERE id = ?",
+                (
+                    state,
+                    tried,
+                    row["next_attempt_at"] if at is None else at,
+                    now,
+                    record["detail"] or record["status"],
+                    json.dumps(history[-HISTORY_LIMIT:]),
+                    entry_id,
+                ),
+            )
+        return True
+
+    def release_files(self, paths: Sequence[str]) -> int:
+        """Delete those of ``paths`` that no entry refers to; returns how many were deleted.
+
+        For the engine after a hand-over: files of a message that was filtered out or sent without a
+        queue are not needed any more, while files of queued or errored entries are kept.
+        """
+        wanted = _distinct(paths)
+        if not wanted:
+            return 0
+        # Under the write lock, so no enqueue can add a reference between the check and the delete.
+        with self._write() as conn:
+            rows = conn.execute(
+                "SELECT path FROM files WHERE path IN (SELECT value FROM json_each(?))",
+                (json.dumps(wanted),),
+            ).fetchall()
+            referenced = {row[0] for row in rows}
+            unused = [p for p in wanted if p not in referenced]
+            return _unlink(unused)
+
+    def recover(self) -> int:
+        """At startup: in-flight entries (a crash between send and record) back to pending.
+
+        They may have been delivered already and will be sent again (at-least-once); each is counted
+        in its queue's ``recovered`` counter. Call this only when no other process delivers from
+        this database.
+        """
+        now = time.time()
+        note = json.dumps(attempt_record(now, "in flight when the engine stopped; sending again"))
+        with self._write() as conn:
+            rows = conn.execute(
+                f"UPDATE entries SET state = '{_PENDING}', updated_at = ?,"
+                " history = json_insert(history, '$[#]', json(?))"
+                f" WHERE state = '{_IN_FLIGHT}' RETURNING queue",
+                (now, note),
+            ).fetchall()
+            per_queue: dict[str, int] = {}
+            for row in rows:
+                per_queue[row["queue"]] = per_queue.get(row["queue"], 0) + 1
+            for queue, n in per_queue.items():
+                _count(conn, queue, "recovered", n)
+        return len(rows)
+
+    def retry(
+        self,
+        queue: str | None = None,
+        entry_ids: Sequence[str] | None = None,
+        state: EntryState | None = EntryState.DEAD,
+    ) -> int:
+        """Dead or errored entries back to pending now, attempts reset; returns how many.
+
+        ``state`` narrows to dead or to errored entries (None: both). An errored entry goes back to
+        pending only when its queue is a destination's queue (it failed in that destination's
+        stages and is sent as stored); errored entries of a channel's error queue
+        (``channel:<name>``) must be run through the channel again, which the engine does, so they
+        are left as they are here.
+        """
+        states = _retryable_states(state)
+        where, params = _filters(queue, entry_ids, states)
+        now = time.time()
+        note = json.dumps(attempt_record(now, "retried by an operator"))
+        with self._write() as conn:
+            rows = conn.execute(f"SELECT id, queue, state FROM entries WHERE {where}", params).fetchall()
+            ids = [r["id"] for r in rows if r["state"] == _DEAD or is_destination_queue(r["queue"])]
+            if ids:
+                conn.execute(
+                    f"UPDATE entries SET state = '{_PENDING}', attempts = 0, next_attempt_at = ?,"
+                    " updated_at = ?, history = json_insert(history, '$[#]', json(?))"
+                    " WHERE id IN (SELECT value FROM json_each(?))",
+                    (now, now, note, json.dumps(ids)),
+                )
+        return len(ids)
+
+    def purge(
+        self,
+        queue: str | None = None,
+        state: EntryState | None = None,
+        entry_ids: Sequence[str] | None = None,
+    ) -> int:
+        """Delete matching entries and release their files; returns how many.
+
+        In-flight entries are never purged (a worker is sending them; purge them once they settle).
+        """
+        if state is EntryState.IN_FLIGHT:
+            raise ValueError("in-flight entries cannot be purged; wait until they are settled")
+        states = (state.value,) if state is not None else (_PENDING, _DEAD, _ERRORED)
+        where, params = _filters(queue, entry_ids, states)
+        with self._write() as conn:
+            rows = conn.execute(f"DELETE FROM entries WHERE {where} RETURNING files", params).fetchall()
+            unused = _release(conn, [json.loads(r["files"]) for r in rows])
+        _unlink(unused)
+        return len(rows)
+
+    # -- reading ---------------------------------------------------------------------------
+    def next_due(self, queue: str) -> float | None:
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT min(next_attempt_at) FROM entries WHERE queue = ? AND state = '{_PENDING}'",
+                (queue,),
+            ).fetchone()
+        return row[0]
+
+    def size(self, queue: str) -> int:
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT count(*) FROM entries WHERE queue = ? AND state IN ('{_PENDING}', '{_IN_FLIGHT}')",
+                (queue,),
+            ).fetchone()
+        return int(row[0])
+
+    def stats(self) -> list[QueueStats]:
+        now = time.time()
+        with self._read() as conn:
+            groups = conn.execute(
+                "SELECT queue, state, count(*) AS n, min(created_at) AS oldest FROM entries"
+                " GROUP BY queue, state"
+            ).fetchall()
+            counters = conn.execute("SELECT queue, name, value FROM counters").fetchall()
+        acc: dict[str, dict[str, Any]] = {}
+        for row in groups:
+            item = acc.setdefault(row["queue"], {})
+            item[row["state"]] = row["n"]
+            if row["state"] in (_PENDING, _IN_FLIGHT):
+                oldest = item.get("oldest")
+                item["oldest"] = row["oldest"] if oldest is None else min(oldest, row["oldest"])
+        for row in counters:
+            acc.setdefault(row["queue"], {})[row["name"]] = row["value"]
+        return [
+            QueueStats(
+                queue=queue,
+                pending=item.get(_PENDING, 0),
+                in_flight=item.get(_IN_FLIGHT, 0),
+                dead=item.get(_DEAD, 0),
+                errored=item.get(_ERRORED, 0),
+                oldest_age_s=None if item.get("oldest") is None else max(0.0, now - item["oldest"]),
+                delivered=item.get("delivered", 0),
+                recovered=item.get("recovered", 0),
+            )
+            for queue, item in sorted(acc.items())
+        ]
+
+    def get(self, entry_id: str) -> Entry | None:
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM entries WHERE id = ?", (entry_id,)).fetchone()
+        return _entry(row) if row is not None else None
+
+    def list_entries(
+        self, queue: str | None = None, state: EntryState | None = None, limit: int = 100
+    ) -> list[Entry]:
+        """Entries in enqueue order, optionally of one queue and one state."""
+        where, params = _filters(queue, None, (state.value,) if state is not None else None)
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM entries WHERE {where} ORDER BY seq LIMIT ?", (*params, limit)
+            ).fetchall()
+        return [_entry(row) for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._conn.close()
+
+    def __enter__(self) -> SqliteQueueStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _encode_message(message: Message) -> str:
+    try:
+        return json.dumps(message.to_json(), separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"message {message.id} cannot be queued: its body or metadata is not JSON-serialisable ({exc})"
+        ) from exc
+
+
+def _distinct(paths: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(str(p) for p in paths))
+
+
+def _add_refs(conn: sqlite3.Connection, refs: list[tuple[str]]) -> None:
+    if refs:
+        conn.executemany(
+            "INSERT INTO files (path, refs) VALUES (?, 1) ON CONFLICT (path) DO UPDATE SET refs = refs + 1",
+            refs,
+        )
+
+
+def _release(conn: sqlite3.Connection, file_lists: Iterable[list[str]]) -> list[str]:
+    """Drop one reference per listed file; the files no entry needs any more (to delete after commit)."""
+    paths = [path for files in file_lists for path in files]
+    if not paths:
+        return []
+    conn.executemany("UPDATE files SET refs = refs - 1 WHERE path = ?", [(p,) for p in paths])
+    rows = conn.execute(
+        "DELETE FROM files WHERE refs <= 0 AND path IN (SELECT value FROM json_each(?)) RETURNING path",
+        (json.dumps(paths),),
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def _unlink(paths: Iterable[str]) -> int:
+    # After the commit: a crash here leaves an orphan file, never an entry without its file.
+    deleted = 0
+    for path in paths:
+        try:
+            os.unlink(path)
+            deleted += 1
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not delete %s, which no queued message needs any more: %s", path, exc)
+    return deleted
+
+
+def _count(conn: sqlite3.Connection, queue: str, name: str, n: int) -> None:
+    conn.execute(
+        "INSERT INTO counters (queue, name, value) VALUES (?, ?, ?)"
+        " ON CONFLICT (queue, name) DO UPDATE SET value = value + excluded.value",
+        (queue, name, n),
+    )
+
+
+def _retryable_states(state: EntryState | None) -> tuple[str, ...]:
+    if state is None:
+        return (_DEAD, _ERRORED)
+    if state not in (EntryState.DEAD, EntryState.ERRORED):
+        raise ValueError(f"only dead or errored entries can be retried, not {state.value}")
+    return (state.value,)
+
+
+def _filters(
+    queue: str | None, entry_ids: Sequence[str] | None, states: Sequence[str] | None
+) -> tuple[str, tuple[Any, ...]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if queue is not None:
+        clauses.append("queue = ?")
+        params.append(queue)
+    if entry_ids is not None:
+        clauses.append("id IN (SELECT value FROM json_each(?))")
+        params.append(json.dumps(list(entry_ids)))
+    if states is not None:
+        clauses.append(f"state IN ({', '.join('?' * len(states))})")
+        params.extend(states)
+    return (" AND ".join(clauses) or "1"), tuple(params)
+
+
+def _entry(row: sqlite3.Row) -> Entry:
+    return Entry(
+        id=row["id"],
+        queue=row["queue"],
+        message=Message.from_json(json.loads(row["message"])),
+        state=EntryState(row["state"]),
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        last_error=row["last_error"],
+        history=tuple(json.loads(row["history"])),
+    )

@@ -1,0 +1,123 @@
+"""The engine's hand-over: durable queues, back-pressure, file ownership and graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from project_files import fake_distribution, write
+
+from intu_core.message import AcceptanceStatus, Message
+from intu_core.queue import EntryState
+from intu_core.testing import engine_deliver, manual_source, registry_with, running_engine
+
+
+def queued_project(tmp_path, directory="out", extra=""):
+    write(
+        tmp_path / "intu.yaml",
+        f"""
+        destinations:
+          archive:
+            type: file
+            file: {{directory: {directory}}}
+            queue: {{enabled: true, threads: 1, max_size: 2}}
+            retry: {{max_attempts: 0, backoff: constant, initial_delay_ms: 50, max_delay_ms: 50}}
+        {extra}
+        """,
+    )
+    write(tmp_path / "channels" / "inbound" / "channel.yaml", "source: {type: manual}\ndestinations: [archive]\n")
+    return tmp_path
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_accepted_means_queued_durably_then_delivered_and_files_released(tmp_path):
+    attachment = tmp_path / "attachment.bin"
+    attachment.write_bytes(b"pixels")
+    with running_engine(queued_project(tmp_path), registry_with(manual_source)) as engine:
+        result = engine_deliver(engine, "inbound", Message(body={"n": 1}, files=(str(attachment),)))
+        assert result.status is AcceptanceStatus.ACCEPTED
+        assert wait_for(lambda: list((tmp_path / "out").glob("*.json")))
+        assert wait_for(lambda: engine.store.size("archive") == 0)
+        # The message's file was kept while queued and deleted once delivered.
+        assert wait_for(lambda: not attachment.exists())
+    (written,) = (tmp_path / "out").glob("*.json")
+    assert json.loads(written.read_text())["body"] == {"n": 1}
+
+
+def test_a_full_queue_answers_busy_and_keeps_what_it_accepted(tmp_path):
+    # "out" is a file, so the destination cannot write: entries stay queued and the queue fills up.
+    queued_project(tmp_path, directory="blocked/out")
+    (tmp_path / "blocked").write_text("not a folder")
+    with running_engine(tmp_path, registry_with(manual_source)) as engine:
+        results = [engine_deliver(engine, "inbound", Message(body={"n": n})) for n in range(3)]
+        assert [r.status for r in results] == [AcceptanceStatus.ACCEPTED] * 2 + [AcceptanceStatus.BUSY]
+        assert "queue archive is full (2 messages)" in results[2].detail
+        assert engine.store.size("archive") == 2
+        kept = engine.store.list_entries(queue="archive")
+        assert sorted(e.message.body["n"] for e in kept) == [0, 1]
+        assert all("cannot write to" in (e.last_error or "") for e in kept if e.attempts)
+
+
+def test_a_nearly_full_disk_answers_busy_and_releases_the_files(tmp_path):
+    queued_project(tmp_path, extra="min_free_disk_mb: 1000000000")
+    attachment = tmp_path / "attachment.bin"
+    attachment.write_bytes(b"pixels")
+    with running_engine(tmp_path, registry_with(manual_source)) as engine:
+        result = engine_deliver(engine, "inbound", Message(body={}, files=(str(attachment),)))
+    assert result.status is AcceptanceStatus.BUSY and "disk nearly full" in result.detail
+    assert not attachment.exists()
+
+
+def test_queued_messages_survive_a_restart(tmp_path):
+    queued_project(tmp_path, directory="blocked/out")
+    (tmp_path / "blocked").write_text("not a folder")
+    with running_engine(tmp_path, registry_with(manual_source)) as engine:
+        assert engine_deliver(engine, "inbound", Message(body={"n": 7})).ok
+    (tmp_path / "blocked").unlink()  # the destination is fixed while the engine is down
+    with running_engine(tmp_path, registry_with(manual_source)) as engine:
+        assert wait_for(lambda: list((tmp_path / "blocked" / "out").glob("*.json")))
+        assert wait_for(lambda: engine.store.size("archive") == 0)
+
+
+def test_errored_messages_are_kept_with_their_files(tmp_path):
+    queued_project(tmp_path)
+    write(tmp_path / "channels" / "inbound" / "transformer.py", "def transform(msg, ctx):\n    raise KeyError('x')\n")
+    attachment = tmp_path / "attachment.bin"
+    attachment.write_bytes(b"pixels")
+    with running_engine(tmp_path, registry_with(manual_source)) as engine:
+        result = engine_deliver(engine, "inbound", Message(body={}, files=(str(attachment),)))
+        (entry,) = engine.store.list_entries(state=EntryState.ERRORED)
+    assert result.status is AcceptanceStatus.FAILED
+    assert attachment.exists() and entry.message.files == (str(attachment),)
+
+
+def test_intu_serve_stops_gracefully_on_sigterm(tmp_path):
+    site = tmp_path / "site"
+    fake_distribution(site, "intu-testing", "0.0", {"manual": "intu_core.testing:manual_source"})
+    queued_project(tmp_path / "project")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "intu_core.cli", "--dir", str(tmp_path / "project"), "serve"],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "intu is serving" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=30)
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "received SIGTERM: stopping" in rest and "engine stopped" in rest
