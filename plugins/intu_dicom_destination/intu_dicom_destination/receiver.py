@@ -1,0 +1,362 @@
+"""The `dicom` source: a C-STORE SCP that stores each instance durably before answering.
+
+Each received instance is streamed by pynetdicom to a temporary Part-10 file, moved (or copied,
+chunk by chunk) into ``<data_dir>/dicom/received``, fsynced with its directory, turned into a
+message body (``body.body_from_file``: JSON model + bulk-data references, no pixel decoding) and
+handed to the engine. The C-STORE status tells the sender what the engine did:
+
+=====================================  ==========================================
+engine / receiver outcome              C-STORE status
+=====================================  ==========================================
+accepted (queued) or filtered          0x0000 success
+busy (queue over its limit), disk full 0xA700 out of resources
+failed (transformer raised, ...)       0x0110 processing failure + ErrorComment
+dataset cannot be parsed               0xC000 cannot understand + ErrorComment
+=====================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import ssl
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from intu_core.message import Acceptance, AcceptanceStatus, Message
+from intu_core.types import DeliverCallback, Runtime, SourceType
+from intu_dicom_destination.body import InvalidBody, body_from_file, inflate_part10
+from intu_dicom_destination.source_settings import SourceSettings, SourceTLSSettings, parse_source_settings
+
+#: Transfer syntaxes the source accepts for every storage SOP class, in order of preference.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_PROCESSING_FAILURE = 0x0110
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+# How long stop() lets open associations end by themselves before aborting them.
+STOP_GRACE_SECONDS = 10.0
+_COPY_CHUNK = 1024 * 1024
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    # ErrorComment is LO: at most 64 characters, no backslash.
+    ds.ErrorComment = comment.replace("\\", "/")[:64]
+    return ds
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _server_ssl_context(tls: SourceTLSSettings) -> ssl.SSLContext:
+    """A server-side context: TLS 1.2 or later, our certificate, client certificates if asked."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
+    if tls.ca_cert is not None:
+        context.load_verify_locations(cafile=str(tls.ca_cert))
+    if tls.require_client_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+    elif tls.ca_cert is not None:
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def _ssl_context(tls: SourceTLSSettings) -> ssl.SSLContext:
+    # Prefer the plugin's shared helper (tls.py) so both sides configure TLS alike.
+    try:
+        from intu_dicom_destination.tls import server_context
+    except ImportError:
+        return _server_ssl_context(tls)
+    assert tls.cert is not None and tls.key is not None
+    return server_context(tls.cert, tls.key, tls.ca_cert, tls.require_client_cert)
+
+
+class DicomSource:
+    """A C-STORE SCP listening on ``settings.host:settings.port`` (the `dicom` source type)."""
+
+    def __init__(self, settings: SourceSettings, runtime: Runtime) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.logger = runtime.logger
+        self.received_dir = runtime.data_dir / "dicom" / "received"
+        self._deliver: DeliverCallback | None = None
+        self._server: Any = None
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._idle = threading.Condition(self._lock)
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful when settings.port is 0 in tests)."""
+        if self._server is None:
+            return self.settings.port
+        return int(self._server.server_address[1])
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self, deliver: DeliverCallback) -> None:
+        """Listen for associations; each received instance goes to ``deliver``."""
+        # Process-wide pynetdicom switch: stream every received C-STORE dataset to a temporary
+        # file instead of a BytesIO, so a 1 GiB instance never sits in memory. Every SCP in
+        # this process wants that, so setting it globally is harmless.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        self._deliver = deliver
+        self.received_dir.mkdir(parents=True, exist_ok=True)
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.require_calling_aet = list(s.calling_ae_titles)
+        ae.require_called_aet = s.require_called_ae_title
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu_length
+        ssl_context = None
+        if s.tls.enabled:
+            try:
+                ssl_context = _ssl_context(s.tls)
+            except Exception as exc:  # ssl.SSLError, OSError, tls.TlsConfigError
+                raise RuntimeError(f"DICOM source {self.runtime.name}: cannot set up TLS: {exc}") from exc
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        self._server = ae.start_server(
+            (s.host, s.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        )
+        self.logger.info(
+            "DICOM source %s listening on %s:%d as %s%s",
+            self.runtime.name,
+            s.host,
+            self.port,
+            s.ae_title,
+            " (TLS)" if ssl_context else "",
+        )
+
+    def stop(self) -> None:
+        """Stop accepting associations, let open ones finish (then abort them), and return."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        associations = list(server.active_associations)
+        server.shutdown()  # closes the listening socket; does not wait for associations
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for assoc in associations:
+            assoc.join(max(0.0, deadline - time.monotonic()))
+        for assoc in associations:
+            if assoc.is_alive():
+                # Wait for a C-STORE being handled to be answered: its instance is then safe.
+                with self._idle:
+                    self._idle.wait_for(lambda: self._in_flight == 0, timeout=60)
+                self.logger.warning(
+                    "DICOM source %s: aborting association from %s still open at shutdown",
+                    self.runtime.name,
+                    assoc.requestor.ae_title,
+                )
+                assoc.abort()
+                assoc.join(5)
+        self.logger.info("DICOM source %s stopped", self.runtime.name)
+
+    # -- events ----------------------------------------------------------------------------
+    def _on_accepted(self, event: Any) -> None:
+        req = event.assoc.requestor
+        self.logger.info(
+            "DICOM source %s: association from %s (%s:%s) accepted",
+            self.runtime.name,
+            req.ae_title,
+            req.address,
+            req.port,
+        )
+
+    def _on_rejected(self, event: Any) -> None:
+        req = event.assoc.requestor
+        self.logger.warning(
+            "DICOM source %s: association from calling AE %r (%s:%s) to called AE %r rejected",
+            self.runtime.name,
+            req.ae_title,
+            req.address,
+            req.port,
+            event.assoc.acceptor.ae_title,
+        )
+
+    def _on_echo(self, event: Any) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: Any) -> int | Dataset:
+        with self._lock:
+            self._in_flight += 1
+        try:
+            return self._store(event)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def _store(self, event: Any) -> int | Dataset:
+        assoc = event.assoc
+        request = event.request
+        sop_class = str(request.AffectedSOPClassUID or "")
+        sop_instance = str(request.AffectedSOPInstanceUID or "")
+        transfer_syntax = str(event.context.transfer_syntax)
+        who = f"{assoc.requestor.ae_title}@{assoc.requestor.address}:{assoc.requestor.port}"
+        name = self.runtime.name
+
+        path = self.received_dir / f"{uuid.uuid4().hex}.dcm"
+        try:
+            self._persist(Path(event.dataset_path), path, transfer_syntax)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.logger.error(
+                    "DICOM source %s: no space to store %s from %s (%s): answered 0xA700",
+                    name, sop_instance, who, exc,
+                )  # fmt: skip
+                return _status(STATUS_OUT_OF_RESOURCES, "out of disk space")
+            self.logger.error(
+                "DICOM source %s: cannot store %s from %s (%s): answered 0x0110",
+                name, sop_instance, who, exc,
+            )  # fmt: skip
+            return _status(STATUS_PROCESSING_FAILURE, f"cannot store instance: {exc.strerror}")
+        except InvalidBody as exc:
+            path.unlink(missing_ok=True)
+            self.logger.error(
+                "DICOM source %s: cannot parse %s from %s: %s: answered 0xC000", name, sop_instance, who, exc
+            )
+            return _status(STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed")
+
+        try:
+            body = body_from_file(path)
+        except InvalidBody as exc:
+            path.unlink(missing_ok=True)
+            self.logger.error(
+                "DICOM source %s: cannot parse %s from %s: %s: answered 0xC000", name, sop_instance, who, exc
+            )
+            return _status(STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed")
+
+        message = Message(
+            body=body,
+            channel=name,
+            metadata={
+                "dicom": {
+                    "calling_ae_title": str(assoc.requestor.ae_title),
+                    "called_ae_title": str(assoc.acceptor.ae_title),
+                    "peer_address": str(assoc.requestor.address),
+                    "peer_port": int(assoc.requestor.port),
+                    "transfer_syntax_uid": transfer_syntax,
+                    "sop_class_uid": sop_class,
+                    "sop_instance_uid": sop_instance,
+                }
+            },
+            files=(str(path),),
+        )
+        deliver = self._deliver
+        assert deliver is not None
+        # From here on the engine owns message.files: it deletes them when it is done.
+        try:
+            acceptance = deliver(message)
+        except Exception as exc:  # the engine should not raise; answer truthfully if it does
+            self.logger.exception(
+                "DICOM source %s: engine failed on %s from %s: answered 0x0110", name, sop_instance, who
+            )
+            return _status(STATUS_PROCESSING_FAILURE, f"engine error: {exc}")
+        return self._answer(acceptance, sop_instance, who)
+
+    def _answer(self, acceptance: Acceptance, sop_instance: str, who: str) -> int | Dataset:
+        status = acceptance.status
+        if status in (AcceptanceStatus.ACCEPTED, AcceptanceStatus.FILTERED):
+            self.logger.debug(
+                "DICOM source %s: %s from %s %s", self.runtime.name, sop_instance, who, status.value
+            )
+            return STATUS_SUCCESS
+        detail = acceptance.detail or status.value
+        if status is AcceptanceStatus.BUSY:
+            self.logger.warning(
+                "DICOM source %s: %s from %s not accepted (busy: %s): answered 0xA700",
+                self.runtime.name, sop_instance, who, detail,
+            )  # fmt: skip
+            return _status(STATUS_OUT_OF_RESOURCES, detail)
+        self.logger.error(
+            "DICOM source %s: %s from %s failed (%s): answered 0x0110",
+            self.runtime.name, sop_instance, who, detail,
+        )  # fmt: skip
+        return _status(STATUS_PROCESSING_FAILURE, detail)
+
+    def _persist(self, temp: Path, path: Path, transfer_syntax: str) -> None:
+        """Move pynetdicom's temporary Part-10 file to ``path`` and make it durable."""
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:
+            # Bulk-data offsets cannot point into a deflated stream: store it inflated.
+            with open(temp, "rb") as src, open(path, "wb") as dest:
+                inflate_part10(src, dest)
+                dest.flush()
+                os.fsync(dest.fileno())
+        else:
+            try:
+                # pynetdicom unlinks its temporary file after the handler, ignoring a missing one.
+                os.replace(temp, path)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                with open(temp, "rb") as src, open(path, "wb") as dest:
+                    shutil.copyfileobj(src, dest, _COPY_CHUNK)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(path.parent)
+
+
+SOURCE_TYPE = SourceType(
+    name="dicom",
+    parse_settings=parse_source_settings,
+    create=DicomSource,
+    description="DICOM C-STORE SCP: receives images, stores them durably, answers C-ECHO",
+)

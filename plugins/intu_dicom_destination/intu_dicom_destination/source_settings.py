@@ -1,0 +1,119 @@
+"""Settings of the `dicom` source (C-STORE SCP): parsing, defaults and validation.
+
+```yaml
+source:
+  type: dicom
+  dicom:
+    port: 11113                  # required, 1..65535
+    ae_title: INTU_SCP           # our AE title (default INTU_SCP)
+    host: 0.0.0.0                # bind address (default: every interface, as DICOM SCPs do)
+    calling_ae_titles: [CT1]     # allow-list of calling AE titles; empty = anyone
+    require_called_ae_title: true  # the called AE title must be ae_title (default true)
+    max_pdu_length: 65536        # largest PDU we accept (default 65536; 0 = no limit)
+    max_associations: 10         # simultaneous associations (default 10)
+    tls: {enabled: false, cert: ..., key: ..., ca_cert: ..., require_client_cert: false}
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from intu_core.config.section import Section
+
+DEFAULT_AE_TITLE = "INTU_SCP"
+DEFAULT_HOST = "0.0.0.0"
+# Larger than DCMTK's 16 KiB default: fewer PDUs (and Python-level writes) per instance, while a
+# bounded size keeps each PDU's buffer small (0 = unlimited would let a peer send a 1 GiB PDU).
+DEFAULT_MAX_PDU_LENGTH = 65536
+DEFAULT_MAX_ASSOCIATIONS = 10
+
+
+@dataclass(frozen=True)
+class SourceTLSSettings:
+    """TLS for the DICOM source: our certificate and, for mutual TLS, the CA of the clients."""
+
+    enabled: bool = False
+    cert: Path | None = None
+    key: Path | None = None
+    ca_cert: Path | None = None
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """Parsed settings of one `dicom` source."""
+
+    port: int
+    ae_title: str = DEFAULT_AE_TITLE
+    host: str = DEFAULT_HOST
+    calling_ae_titles: tuple[str, ...] = ()
+    require_called_ae_title: bool = True
+    max_pdu_length: int = DEFAULT_MAX_PDU_LENGTH
+    max_associations: int = DEFAULT_MAX_ASSOCIATIONS
+    tls: SourceTLSSettings = field(default_factory=SourceTLSSettings)
+
+
+def ae_title_problem(value: str) -> str | None:
+    """Why ``value`` is not a valid AE title (PS3.5 6.2: AE VR), or None when it is."""
+    if not value.strip():
+        return "an AE title cannot be empty or only spaces"
+    if len(value) > 16:
+        return f"an AE title has at most 16 characters, found {len(value)} ({value!r})"
+    if "\\" in value:
+        return f"an AE title cannot contain a backslash, found {value!r}"
+    if any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
+        return f"an AE title holds printable ASCII characters only, found {value!r}"
+    return None
+
+
+def parse_source_settings(section: Section) -> SourceSettings:
+    """Read a `dicom` source block; problems are recorded on ``section``, never raised."""
+    port = section.int("port", min=1, max=65535)
+    ae_title = section.str("ae_title", DEFAULT_AE_TITLE)
+    if ae_title is not None and (problem := ae_title_problem(ae_title)) is not None:
+        section.error("ae_title", problem)
+    host = section.str("host", DEFAULT_HOST)
+    if host is not None and not host.strip():
+        section.error("host", "expected a bind address such as 0.0.0.0 or 127.0.0.1, found ''")
+    calling = section.str_list("calling_ae_titles", [])
+    for title in calling or []:
+        if (problem := ae_title_problem(title)) is not None:
+            section.error("calling_ae_titles", problem)
+    require_called = section.bool("require_called_ae_title", True)
+    max_pdu = section.int("max_pdu_length", DEFAULT_MAX_PDU_LENGTH, min=0, max=0xFFFFFFFF)
+    max_assocs = section.int("max_associations", DEFAULT_MAX_ASSOCIATIONS, min=1, max=1000)
+    tls = _parse_tls(section.section("tls"))
+    section.done()
+    return SourceSettings(
+        port=port if port is not None else 0,
+        ae_title=(ae_title or DEFAULT_AE_TITLE).strip(),
+        host=(host or DEFAULT_HOST).strip(),
+        calling_ae_titles=tuple(t.strip() for t in calling or ()),
+        require_called_ae_title=True if require_called is None else require_called,
+        max_pdu_length=DEFAULT_MAX_PDU_LENGTH if max_pdu is None else max_pdu,
+        max_associations=max_assocs or DEFAULT_MAX_ASSOCIATIONS,
+        tls=tls,
+    )
+
+
+def _parse_tls(section: Section) -> SourceTLSSettings:
+    enabled = bool(section.bool("enabled", False))
+    # Certificate files only have to exist when TLS is on.
+    cert = section.path("cert", None, must_exist=enabled)
+    key = section.path("key", None, must_exist=enabled)
+    ca_cert = section.path("ca_cert", None, must_exist=enabled)
+    require_client_cert = bool(section.bool("require_client_cert", False))
+    if enabled:
+        if cert is None:
+            section.error(None, "missing required key 'cert' (our certificate, PEM) when TLS is enabled")
+        if key is None:
+            section.error(None, "missing required key 'key' (our private key, PEM) when TLS is enabled")
+        if require_client_cert and ca_cert is None:
+            section.error(
+                "require_client_cert",
+                "require_client_cert needs 'ca_cert' (the CA that signs client certificates)",
+            )
+    section.done()
+    return SourceTLSSettings(enabled, cert, key, ca_cert, require_client_cert)

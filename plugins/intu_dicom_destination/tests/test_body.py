@@ -1,0 +1,280 @@
+"""The DICOM message body: JSON model with bulk-data references, and writing it back as Part 10."""
+
+from __future__ import annotations
+
+import copy
+import json
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+from intu_dicom_destination.body import (
+    InvalidBody,
+    body_from_file,
+    dataset_digest,
+    prepare_for_send,
+    write_part10_from_body,
+)
+from intu_dicom_destination.samples import ct_instance, write_ct_series
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+    generate_uid,
+)
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def ct(tmp_path: Path) -> Path:
+    return write_ct_series(tmp_path / "in", 1, size_kib=32)[0]
+
+
+def seed_transform(body: dict[str, Any]) -> dict[str, Any]:
+    """What the seed's transformer does to a body (a new body; the original is untouched)."""
+    new = copy.deepcopy(body)
+    new["dataset"]["00081090"] = {"vr": "LO", "Value": ["INTU_PROCESSED"]}
+    new["dataset"].setdefault("00080080", {"vr": "LO", "Value": ["General Hospital"]})
+    return new
+
+
+def test_body_shape(ct: Path) -> None:
+    body = body_from_file(ct)
+    ds = body["dataset"]
+    original = dcmread(ct)
+    assert body["file"] == str(ct.resolve())
+    assert body["sop_class_uid"] == CTImageStorage
+    assert body["sop_instance_uid"] == original.SOPInstanceUID
+    assert body["transfer_syntax_uid"] == ExplicitVRLittleEndian
+    assert body["dataset_digest"] == dataset_digest(ds)
+    assert ds["00100020"] == {"vr": "LO", "Value": ["INTU-0001"]}
+    assert ds["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]}
+    assert ds["0020000D"]["Value"] == [original.StudyInstanceUID]
+    assert all(len(k) == 8 and k == k.upper() for k in ds)
+    assert list(ds) == sorted(ds)
+    # Pixel data is a reference to the value bytes in the stored file.
+    uri = ds["7FE00010"]["BulkDataURI"]
+    assert ds["7FE00010"]["vr"] == "OW" and "InlineBinary" not in ds["7FE00010"]
+    assert uri.startswith("file://" + str(ct.resolve()) + "?offset=")
+    offset = int(uri.split("offset=")[1].split("&")[0])
+    length = int(uri.split("length=")[1].split("&")[0])
+    assert ct.read_bytes()[offset : offset + length] == original.PixelData
+    json.dumps(body)  # JSON-serialisable
+
+
+def test_unchanged_body_sends_the_stored_file(ct: Path, tmp_path: Path) -> None:
+    before = ct.read_bytes()
+    body = json.loads(json.dumps(body_from_file(ct)))  # as it comes back from the queue
+    prepared = prepare_for_send(body, tmp_path / "work")
+    assert prepared.path == ct.resolve() and not prepared.temporary
+    assert prepared.sop_instance_uid == body["sop_instance_uid"]
+    assert prepared.transfer_syntax_uid == ExplicitVRLittleEndian
+    prepared.cleanup()
+    assert ct.read_bytes() == before
+
+
+def test_edited_body_writes_a_new_instance_with_the_same_pixels(ct: Path, tmp_path: Path) -> None:
+    body = seed_transform(body_from_file(ct))
+    del body["dataset"]["00100030"]  # PatientBirthDate removed
+    body["dataset"]["00100010"] = {"vr": "PN", "Value": [{"Alphabetic": "Roe^Richard"}]}
+    prepared = prepare_for_send(body, tmp_path / "work")
+    assert prepared.temporary and prepared.path.parent == tmp_path / "work"
+    out, original = dcmread(prepared.path), dcmread(ct)
+    assert out.ManufacturerModelName == "INTU_PROCESSED"
+    assert out.InstitutionName == "General Hospital"
+    assert str(out.PatientName) == "Roe^Richard"
+    assert "PatientBirthDate" not in out
+    assert out.PixelData == original.PixelData
+    assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert out.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
+    # Everything else is the same: the new file's body equals the edited body except its bulk URI.
+    again = body_from_file(prepared.path)["dataset"]
+    assert {k for k in again if again[k] != body["dataset"][k]} == {"7FE00010"}
+    assert set(again) == set(body["dataset"])
+    prepared.cleanup()
+    assert not prepared.path.exists() and ct.exists()
+
+
+def test_changed_sop_instance_uid_updates_file_meta(ct: Path, tmp_path: Path) -> None:
+    body = body_from_file(ct)
+    uid = generate_uid()
+    body["dataset"]["00080018"] = {"vr": "UI", "Value": [uid]}
+    prepared = prepare_for_send(body, tmp_path)
+    assert prepared.sop_instance_uid == uid
+    assert dcmread(prepared.path).file_meta.MediaStorageSOPInstanceUID == uid
+
+
+def test_implicit_vr_instance_round_trip(tmp_path: Path) -> None:
+    ds = ct_instance(study_uid=generate_uid(), series_uid=generate_uid(), number=3, size_kib=16)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    path = tmp_path / "implicit.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    body = seed_transform(body_from_file(path))
+    assert body["dataset"]["7FE00010"]["vr"] == "OW"
+    prepared = prepare_for_send(body, tmp_path / "work")
+    out = dcmread(prepared.path)
+    assert out.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert out.ManufacturerModelName == "INTU_PROCESSED" and out.PixelData == ds.PixelData
+
+
+def test_encapsulated_pixel_data_passes_through(tmp_path: Path) -> None:
+    ds = ct_instance(study_uid=generate_uid(), series_uid=generate_uid(), number=1, size_kib=32)
+    ds.compress(RLELossless)
+    path = tmp_path / "rle.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    original = dcmread(path)
+    body = body_from_file(path)
+    assert body["transfer_syntax_uid"] == RLELossless
+    assert body["dataset"]["7FE00010"]["BulkDataURI"].endswith("&undefined=1")
+    prepared = prepare_for_send(seed_transform(body), tmp_path / "work")
+    out = dcmread(prepared.path)
+    assert out.file_meta.TransferSyntaxUID == RLELossless
+    assert out.ManufacturerModelName == "INTU_PROCESSED"
+    assert out.PixelData == original.PixelData  # the encapsulated bytes, untouched
+    assert (out.pixel_array == original.pixel_array).all()
+
+
+def test_inline_binary_body_without_file(tmp_path: Path) -> None:
+    ds = ct_instance(study_uid=generate_uid(), series_uid=generate_uid(), number=1, size_kib=4)
+    model = ds.to_json_dict()  # InlineBinary pixel data
+    assert "InlineBinary" in model["7FE00010"]
+    prepared = prepare_for_send({"dataset": model}, tmp_path / "work")
+    assert prepared.temporary
+    out = dcmread(prepared.path)
+    assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert out.PixelData == ds.PixelData and out.SOPInstanceUID == ds.SOPInstanceUID
+    dest = write_part10_from_body(
+        {"dataset": model, "transfer_syntax_uid": ImplicitVRLittleEndian}, tmp_path / "x.dcm"
+    )
+    assert dcmread(dest).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+
+
+def test_bytes_and_path_bodies(ct: Path, tmp_path: Path) -> None:
+    data = ct.read_bytes()
+    prepared = prepare_for_send(data, tmp_path / "work")
+    assert prepared.temporary and prepared.path.read_bytes() == data
+    assert prepared.sop_class_uid == CTImageStorage
+    prepared.cleanup()
+    assert not prepared.path.exists()
+    for body in (ct, str(ct)):
+        prepared = prepare_for_send(body, tmp_path / "work")
+        assert prepared.path == ct and not prepared.temporary
+
+
+def test_write_part10_from_body(ct: Path, tmp_path: Path) -> None:
+    body = body_from_file(ct)
+    dest = write_part10_from_body(body, tmp_path / "out" / "same.dcm")
+    assert dest.read_bytes() == ct.read_bytes()
+    dest = write_part10_from_body(seed_transform(body), tmp_path / "out" / "edited.dcm")
+    assert dcmread(dest).ManufacturerModelName == "INTU_PROCESSED"
+    assert not list((tmp_path / "out").glob(".intu-*"))
+
+
+def _file_with_dataset(path: Path, payload: bytes, sop_instance: str | None = None) -> Path:
+    from pydicom.dataset import FileMetaDataset
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_instance or generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(f), meta)
+        f.write(payload)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make_body", "expected"),
+    [
+        (lambda ct, tmp: 42, "must be a dict"),
+        (lambda ct, tmp: {}, "no 'dataset'"),
+        (lambda ct, tmp: {"dataset": []}, "DICOM JSON model"),
+        (lambda ct, tmp: {"dataset": {"bad": 1}}, "8 hex digits"),
+        (lambda ct, tmp: {"dataset": {"00100020": {"vr": "LO", "Value": ["X"]}}}, "no SOPClassUID"),
+        (lambda ct, tmp: b"not dicom at all", "not a DICOM Part-10 file"),
+        (lambda ct, tmp: tmp / "missing.dcm", "does not exist"),
+        (lambda ct, tmp: {**body_from_file(ct), "file": str(tmp / "gone.dcm")}, "does not exist"),
+        (lambda ct, tmp: _bulk_out_of_range(ct), "past the end"),
+        (lambda ct, tmp: _bulk_bad_uri(ct), "not supported"),
+    ],
+)
+def test_bad_bodies_raise_invalid_body(ct: Path, tmp_path: Path, make_body: Any, expected: str) -> None:
+    with pytest.raises(InvalidBody, match=expected):
+        prepare_for_send(make_body(ct, tmp_path), tmp_path / "work")
+    assert not list((tmp_path / "work").glob("*")) if (tmp_path / "work").exists() else True
+
+
+def _bulk_out_of_range(ct: Path) -> dict[str, Any]:
+    body = seed_transform(body_from_file(ct))
+    body["dataset"]["7FE00010"]["BulkDataURI"] = f"file://{ct.resolve()}?offset=10&length=99999999"
+    return body
+
+
+def _bulk_bad_uri(ct: Path) -> dict[str, Any]:
+    body = seed_transform(body_from_file(ct))
+    body["dataset"]["7FE00010"]["BulkDataURI"] = "https://pacs.example.org/bulk/1"
+    return body
+
+
+def test_unparseable_files_raise_invalid_body(tmp_path: Path) -> None:
+    truncated = _file_with_dataset(tmp_path / "truncated.dcm", b"\x08\x00\x16\x00UI\xff\x7f" + b"1.2" * 4)
+    with pytest.raises(InvalidBody, match=r"\(0008,0016\) claims 32767 bytes"):
+        body_from_file(truncated)
+    bad_vr = _file_with_dataset(tmp_path / "badvr.dcm", b"\x08\x00\x60\x00ZZ\x02\x00CT" + b"garbage!" * 4)
+    with pytest.raises(InvalidBody, match="not a DICOM .* can be parsed"):
+        body_from_file(bad_vr)
+    (tmp_path / "text.dcm").write_text("hello")
+    with pytest.raises(InvalidBody, match="not a DICOM .* can be parsed"):
+        body_from_file(tmp_path / "text.dcm")
+    with pytest.raises(InvalidBody, match="does not exist"):
+        body_from_file(tmp_path / "nope.dcm")
+
+
+def test_small_binary_values_are_inline_and_sequences_nested(tmp_path: Path) -> None:
+    ds = ct_instance(study_uid=generate_uid(), series_uid=generate_uid(), number=1, size_kib=4)
+    item = Dataset()
+    item.CodeValue = "T-D0050"
+    item.CodingSchemeDesignator = "SRT"
+    ds.AnatomicRegionSequence = [item]
+    ds.add_new(0x00091010, "OB", b"\x01\x02" * 8)  # private, small: inline
+    ds.add_new(0x00091011, "OB", b"\x03" * 4096)  # private, large: bulk
+    path = tmp_path / "seq.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    body = body_from_file(path)
+    assert body["dataset"]["00082218"]["Value"][0]["00080100"]["Value"] == ["T-D0050"]
+    assert "InlineBinary" in body["dataset"]["00091010"]
+    assert "BulkDataURI" in body["dataset"]["00091011"]
+    body["dataset"]["00082218"]["Value"][0]["00080100"]["Value"] = ["T-D0051"]
+    out = dcmread(prepare_for_send(body, tmp_path / "w").path)
+    assert out.AnatomicRegionSequence[0].CodeValue == "T-D0051"
+    assert out[0x00091011].value == b"\x03" * 4096 and out[0x00091010].value == b"\x01\x02" * 8
+
+
+def test_memory_stays_flat_for_a_large_instance(tmp_path: Path) -> None:
+    path = write_ct_series(tmp_path / "big", 1, size_kib=64 * 1024)[0]
+    size = path.stat().st_size
+    assert size > 60 * MiB
+    tracemalloc.start()
+    try:
+        body = body_from_file(path)
+        _, peak_body = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        prepared = prepare_for_send(seed_transform(body), tmp_path / "work")
+        _, peak_send = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_body < 4 * MiB, f"building the body peaked at {peak_body / MiB:.1f} MiB"
+    assert peak_send < 8 * MiB, f"writing the edited instance peaked at {peak_send / MiB:.1f} MiB"
+    assert prepared.path.stat().st_size == size + (8 + 14) + (8 + 16)
+    with open(path, "rb") as a, open(prepared.path, "rb") as b:
+        a.seek(size - 4096)
+        b.seek(prepared.path.stat().st_size - 4096)
+        assert a.read() == b.read()

@@ -1,0 +1,417 @@
+"""The `dicom` source (C-STORE SCP) against real peers: pynetdicom SCUs in-process and DCMTK."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import INTEROP_ENV, free_port, require_tool
+from intu_dicom_destination.body import body_from_file
+from intu_dicom_destination.receiver import SOURCE_TYPE, DicomSource
+from intu_dicom_destination.source_settings import SourceSettings, SourceTLSSettings, parse_source_settings
+from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE, _config
+
+from intu_core.config.problems import Problems
+from intu_core.config.section import Section
+from intu_core.message import Acceptance, AcceptanceStatus, Message
+from intu_core.types import Runtime
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+class Engine:
+    """A stand-in for the engine's deliver(): records messages, answers a chosen Acceptance."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.answer = Acceptance(AcceptanceStatus.ACCEPTED)
+        self.lock = threading.Lock()
+
+    def deliver(self, message: Message) -> Acceptance:
+        with self.lock:
+            self.messages.append(message)
+        return self.answer
+
+
+@pytest.fixture
+def engine() -> Engine:
+    return Engine()
+
+
+@pytest.fixture
+def source(tmp_path: Path, engine: Engine) -> Iterator[Callable[..., DicomSource]]:
+    started: list[DicomSource] = []
+
+    def make(**kw: Any) -> DicomSource:
+        settings = SourceSettings(**{"port": free_port(), "host": "127.0.0.1", **kw})
+        runtime = Runtime("dicom-router", tmp_path / "data", logging.getLogger("test.dicom.source"))
+        src = DicomSource(settings, runtime)
+        src.start(engine.deliver)
+        started.append(src)
+        return src
+
+    yield make
+    for src in started:
+        src.stop()
+
+
+def scu(ae_title: str = "TEST_SCU", contexts: list[tuple[str, list[str] | None]] | None = None) -> AE:
+    ae = AE(ae_title=ae_title)
+    for uid, syntaxes in contexts or [(CTImageStorage, None), (VERIFICATION, None)]:
+        if syntaxes is None:
+            ae.add_requested_context(uid)
+        else:
+            ae.add_requested_context(uid, syntaxes)
+    return ae
+
+
+def associate(src: DicomSource, ae: AE | None = None, called: str = "INTU_SCP", **kw: Any) -> Any:
+    return (ae or scu()).associate("127.0.0.1", src.port, ae_title=called, **kw)
+
+
+def test_source_type_is_registered() -> None:
+    assert SOURCE_TYPE.name == "dicom"
+    assert SOURCE_TYPE.create is DicomSource and SOURCE_TYPE.parse_settings is parse_source_settings
+
+
+def test_store_builds_body_file_and_metadata(source: Any, engine: Engine, ct_files: Any) -> None:
+    src = source()
+    files = ct_files(2)
+    assoc = associate(src)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    statuses = [assoc.send_c_store(f).Status for f in files]
+    local_port = assoc.local["port"]
+    assoc.release()
+    assert statuses == [0x0000, 0x0000]
+    assert len(engine.messages) == 2
+    for message, original_path in zip(engine.messages, files, strict=True):
+        original = dcmread(original_path)
+        body = message.body
+        assert message.channel == "dicom-router"
+        assert body["dataset"]["00100020"] == {"vr": "LO", "Value": ["INTU-0001"]}
+        assert body["dataset"]["00100010"]["Value"] == [{"Alphabetic": "Doe^Jane"}]
+        assert body["dataset"]["00080060"]["Value"] == ["CT"]
+        assert body["sop_instance_uid"] == original.SOPInstanceUID
+        stored = Path(body["file"])
+        assert message.files == (str(stored),)
+        assert stored.parent == src.received_dir and stored.is_file()
+        assert dcmread(stored).PixelData == original.PixelData
+        # The bulk reference points at the original pixel bytes inside the stored file.
+        uri = body["dataset"]["7FE00010"]["BulkDataURI"]
+        offset = int(uri.split("offset=")[1].split("&")[0])
+        assert stored.read_bytes()[offset : offset + len(original.PixelData)] == original.PixelData
+        assert message.metadata["dicom"] == {
+            "calling_ae_title": "TEST_SCU",
+            "called_ae_title": "INTU_SCP",
+            "peer_address": "127.0.0.1",
+            "peer_port": local_port,
+            "transfer_syntax_uid": ExplicitVRLittleEndian,
+            "sop_class_uid": CTImageStorage,
+            "sop_instance_uid": original.SOPInstanceUID,
+        }
+
+
+def test_echoscu_from_dcmtk(source: Any) -> None:
+    echoscu = require_tool("echoscu")
+    src = source()
+    result = subprocess.run(
+        [echoscu, "-aet", "DCMTK_SCU", "-aec", "INTU_SCP", "127.0.0.1", str(src.port)],
+        env=INTEROP_ENV,
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_storescu_from_dcmtk_sends_five(source: Any, engine: Engine, ct_files: Any) -> None:
+    storescu = require_tool("storescu")
+    src = source()
+    files = ct_files(5)
+    result = subprocess.run(
+        [storescu, "-aet", "DCMTK_SCU", "-aec", "INTU_SCP", "127.0.0.1", str(src.port), *map(str, files)],
+        env=INTEROP_ENV,
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(engine.messages) == 5
+    sent = {dcmread(f).SOPInstanceUID: dcmread(f).PixelData for f in files}
+    for message in engine.messages:
+        assert message.metadata["dicom"]["calling_ae_title"] == "DCMTK_SCU"
+        stored = dcmread(message.body["file"])
+        assert stored.PixelData == sent[stored.SOPInstanceUID]
+
+
+def test_calling_ae_title_not_in_allow_list_is_rejected(source: Any, engine: Engine) -> None:
+    src = source(calling_ae_titles=("MODALITY1",))
+    assoc = associate(src, scu("STRANGER"))
+    assert assoc.is_rejected
+    reject = assoc.acceptor.primitive
+    assert (reject.result, reject.result_source, reject.diagnostic) == (0x01, 0x01, 0x03)
+    assert "Calling AE title not recognised" in reject.reason_str
+    allowed = associate(src, scu("MODALITY1"))
+    assert allowed.is_established
+    allowed.release()
+
+
+def test_called_ae_title_mismatch_is_rejected(source: Any) -> None:
+    src = source()
+    assoc = associate(src, called="SOMEONE_ELSE")
+    assert assoc.is_rejected
+    reject = assoc.acceptor.primitive
+    assert (reject.result, reject.result_source, reject.diagnostic) == (0x01, 0x01, 0x07)
+
+
+def test_called_ae_title_check_can_be_turned_off(source: Any) -> None:
+    src = source(require_called_ae_title=False)
+    assoc = associate(src, called="ANYTHING")
+    assert assoc.is_established
+    assoc.release()
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "comment"),
+    [
+        (Acceptance(AcceptanceStatus.FILTERED, "dropped by filter"), 0x0000, None),
+        (
+            Acceptance(AcceptanceStatus.BUSY, "queue hospital-pacs is full"),
+            0xA700,
+            "queue hospital-pacs is full",
+        ),
+        (
+            Acceptance(AcceptanceStatus.FAILED, "transformer raised KeyError: '00100020'" + "x" * 80),
+            0x0110,
+            ("transformer raised KeyError: '00100020'" + "x" * 80)[:64],
+        ),
+    ],
+)
+def test_status_tells_the_sender_what_the_engine_did(
+    source: Any, engine: Engine, ct_files: Any, answer: Acceptance, status: int, comment: str | None
+) -> None:
+    engine.answer = answer
+    src = source()
+    assoc = associate(src)
+    rsp = assoc.send_c_store(ct_files(1)[0])
+    assoc.release()
+    assert rsp.Status == status
+    if comment is not None:
+        assert rsp.ErrorComment == comment
+    assert len(engine.messages) == 1  # the engine was asked; it owns the stored file now
+    assert Path(engine.messages[0].files[0]).exists()
+
+
+def _garbage_instance(path: Path) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(f), meta)
+        # SOP Class UID claiming 32767 bytes of value where 12 follow.
+        f.write(b"\x08\x00\x16\x00UI\xff\x7f" + b"1.2" * 4)
+    return path
+
+
+def test_unparseable_dataset_gets_c000_and_the_server_keeps_serving(
+    source: Any, engine: Engine, ct_files: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    src = source()
+    # Send the file's bytes as they are (no pydicom re-encoding on the sender side).
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    assoc = associate(src)
+    with caplog.at_level(logging.ERROR, logger="test.dicom.source"):
+        rsp = assoc.send_c_store(_garbage_instance(tmp_path / "garbage.dcm"))
+    assert rsp.Status == 0xC000
+    assert "cannot parse" in caplog.text and "0xC000" in caplog.text
+    assert engine.messages == []
+    assert list(src.received_dir.iterdir()) == []
+    good = assoc.send_c_store(ct_files(1)[0])
+    assoc.release()
+    assert good.Status == 0x0000 and len(engine.messages) == 1
+
+
+def test_deflated_instances_are_stored_inflated(source: Any, engine: Engine, ct_files: Any) -> None:
+    src = source()
+    ae = scu(contexts=[(CTImageStorage, [DeflatedExplicitVRLittleEndian])])
+    assoc = associate(src, ae)
+    original = dcmread(ct_files(1)[0])
+    rsp = assoc.send_c_store(original)
+    assoc.release()
+    assert rsp.Status == 0x0000
+    message = engine.messages[0]
+    assert message.metadata["dicom"]["transfer_syntax_uid"] == DeflatedExplicitVRLittleEndian
+    assert message.body["transfer_syntax_uid"] == ExplicitVRLittleEndian
+    assert dcmread(message.body["file"]).PixelData == original.PixelData
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+def _tls_settings(pki: dict[str, Path], require_client_cert: bool) -> SourceTLSSettings:
+    return SourceTLSSettings(
+        enabled=True,
+        cert=pki["server"],
+        key=pki["server_key"],
+        ca_cert=pki["ca"],
+        require_client_cert=require_client_cert,
+    )
+
+
+def _client_context(pki: dict[str, Path], with_cert: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki["ca"]))
+    if with_cert:
+        context.load_cert_chain(str(pki["client"]), str(pki["client_key"]))
+    return context
+
+
+def test_tls_with_client_certificate(
+    source: Any, engine: Engine, ct_files: Any, pki: dict[str, Path]
+) -> None:
+    src = source(tls=_tls_settings(pki, require_client_cert=True))
+    assoc = associate(src, tls_args=(_client_context(pki, with_cert=True), "localhost"))
+    assert assoc.is_established
+    rsp = assoc.send_c_store(ct_files(1)[0])
+    assoc.release()
+    assert rsp.Status == 0x0000 and len(engine.messages) == 1
+
+
+def test_tls_client_without_certificate_is_refused(source: Any, engine: Engine, pki: dict[str, Path]) -> None:
+    src = source(tls=_tls_settings(pki, require_client_cert=True))
+    assoc = associate(src, tls_args=(_client_context(pki, with_cert=False), "localhost"))
+    assert not assoc.is_established
+    # A plain TCP client gets nowhere either.
+    plain = associate(src)
+    assert not plain.is_established
+    assert engine.messages == []
+
+
+# -- settings --------------------------------------------------------------------------------------
+def parse(data: Any, tmp_path: Path) -> tuple[SourceSettings, list[str]]:
+    problems = Problems()
+    section = Section(data, file=tmp_path / "channel.yaml", path="source.dicom", problems=problems)
+    settings = parse_source_settings(section)
+    return settings, [f"{p.key_path}: {p.message}" for p in problems]
+
+
+def test_settings_defaults(tmp_path: Path) -> None:
+    settings, problems = parse({"port": 11113}, tmp_path)
+    assert problems == []
+    assert settings == SourceSettings(port=11113)
+    assert settings.ae_title == "INTU_SCP" and settings.host == "0.0.0.0"
+    assert settings.require_called_ae_title and settings.calling_ae_titles == ()
+    assert settings.max_pdu_length == 65536 and settings.max_associations == 10
+    assert not settings.tls.enabled
+
+
+def test_settings_full(tmp_path: Path, pki: dict[str, Path]) -> None:
+    data = {
+        "port": "11113",
+        "ae_title": "ROUTER",
+        "host": "127.0.0.1",
+        "calling_ae_titles": ["CT1", "MR1"],
+        "require_called_ae_title": False,
+        "max_pdu_length": 0,
+        "max_associations": 4,
+        "tls": {
+            "enabled": True,
+            "cert": str(pki["server"]),
+            "key": str(pki["server_key"]),
+            "ca_cert": str(pki["ca"]),
+            "require_client_cert": True,
+        },
+    }
+    settings, problems = parse(data, tmp_path)
+    assert problems == []
+    assert settings.port == 11113 and settings.calling_ae_titles == ("CT1", "MR1")
+    assert settings.tls == _tls_settings(pki, require_client_cert=True)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({}, "source.dicom: missing required key 'port'"),
+        ({"port": 70000}, "source.dicom.port: expected an integer from 1 to 65535, found 70000"),
+        ({"port": "abc"}, "source.dicom.port: expected an integer from 1 to 65535, found 'abc'"),
+        ({"port": 104, "ae_title": "A_VERY_LONG_AE_TITLE"}, "at most 16 characters, found 20"),
+        ({"port": 104, "ae_title": "   "}, "cannot be empty or only spaces"),
+        ({"port": 104, "ae_title": "BAD\\AE"}, "cannot contain a backslash"),
+        ({"port": 104, "calling_ae_titles": ["OK", "WAY_TOO_LONG_CALLING_AE"]}, "calling_ae_titles: an AE"),
+        ({"port": 104, "max_associations": 0}, "max_associations: expected an integer from 1"),
+        ({"port": 104, "ae_titel": "X"}, "unknown key 'ae_titel' (did you mean 'ae_title'?)"),
+        ({"port": 104, "tls": {"enabled": True}}, "missing required key 'cert'"),
+        (
+            {"port": 104, "tls": {"enabled": True, "cert": "missing.pem", "key": "missing.key"}},
+            "source.dicom.tls.cert: expected an existing file, found 'missing.pem'",
+        ),
+        ({"port": 104, "tls": {"enabeld": True}}, "unknown key 'enabeld' (did you mean 'enabled'?)"),
+    ],
+)
+def test_settings_errors(tmp_path: Path, data: Any, expected: str) -> None:
+    _, problems = parse(data, tmp_path)
+    assert any(expected in p for p in problems), problems
+
+
+def test_require_client_cert_needs_ca(tmp_path: Path, pki: dict[str, Path]) -> None:
+    tls = {
+        "enabled": True,
+        "cert": str(pki["server"]),
+        "key": str(pki["server_key"]),
+        "require_client_cert": True,
+    }
+    _, problems = parse({"port": 104, "tls": tls}, tmp_path)
+    assert problems == ["source.dicom.tls.require_client_cert: require_client_cert needs 'ca_cert' "
+                        "(the CA that signs client certificates)"]  # fmt: skip
+
+
+def test_stop_closes_the_port(source: Any) -> None:
+    src = source()
+    port = src.port
+    src.stop()
+    assoc = scu().associate("127.0.0.1", port, ae_title="INTU_SCP")
+    assert not assoc.is_established
+
+
+def test_body_from_received_file_is_stable(source: Any, engine: Engine, ct_files: Any) -> None:
+    src = source()
+    assoc = associate(src)
+    assoc.send_c_store(ct_files(1)[0])
+    assoc.release()
+    body = engine.messages[0].body
+    assert body_from_file(Path(body["file"])) == body
+
+
+def test_disk_full_answers_a700(
+    source: Any, engine: Engine, ct_files: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    # A full disk cannot be arranged on loopback without root: the only stand-in in this file.
+    import errno
+
+    src = source()
+
+    def full(*args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(src, "_persist", full)
+    assoc = associate(src)
+    with caplog.at_level(logging.ERROR, logger="test.dicom.source"):
+        rsp = assoc.send_c_store(ct_files(1)[0])
+    assoc.release()
+    assert rsp.Status == 0xA700 and rsp.ErrorComment == "out of disk space"
+    assert "no space" in caplog.text and engine.messages == []
+    assert list(src.received_dir.iterdir()) == []
