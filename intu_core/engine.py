@@ -8,6 +8,7 @@ it tells its sender is true.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import shutil
 import signal
@@ -78,6 +79,7 @@ class Engine:
         enabled = [c for c in self.project.channels if c.enabled]
         pipelines = self._load_pipelines()
         self.project.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_data_dir()
         self.store = SqliteQueueStore(self.project.data_dir)
         for channel in enabled:
             for used in channel.destinations:
@@ -92,6 +94,19 @@ class Engine:
             runtime = Runtime(channel.name, self.project.data_dir, logger, self.registry.hook)
             source = registered.create(channel.source.settings, runtime)
             self.channels.append(ChannelRuntime(channel, pipelines[channel.name], source, logger))
+
+    def _lock_data_dir(self) -> None:
+        # Two engines on one data folder would each recover (and re-send) the other's in-flight
+        # messages; the lock is released by the OS even after kill -9.
+        self._lock_file = open(self.project.data_dir / "engine.lock", "a+")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise ConfigError(
+                [Problem(self.project.config_file, "data_dir",
+                         f"another intu engine is already using {self.project.data_dir}")]
+            ) from None
 
     # -- running ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -141,6 +156,8 @@ class Engine:
                 log.exception("destination %s did not close cleanly", name)
         if self.store is not None:
             self.store.close()
+        if getattr(self, "_lock_file", None) is not None:
+            self._lock_file.close()
         log.info("engine stopped")
 
     def serve_forever(self) -> None:

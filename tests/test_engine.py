@@ -121,3 +121,15 @@ def test_intu_serve_stops_gracefully_on_sigterm(tmp_path):
     _, rest = proc.communicate(timeout=30)
     assert proc.returncode == 0, "".join(lines) + rest
     assert "received SIGTERM: stopping" in rest and "engine stopped" in rest
+
+
+def test_two_engines_cannot_share_a_data_folder(tmp_path):
+    import pytest
+
+    from intu_core.config.problems import ConfigError
+
+    queued_project(tmp_path)
+    with running_engine(tmp_path, registry_with(manual_source)):
+        with pytest.raises(ConfigError, match="another intu engine is already using"):
+            with running_engine(tmp_path, registry_with(manual_source)):
+                pass

@@ -188,6 +188,13 @@ class DicomSource:
             return
         associations = list(server.active_associations)
         server.shutdown()  # closes the listening socket; does not wait for associations
+        # A connection that never sent an A-ASSOCIATE-RQ (a port probe, a load balancer's health
+        # check) has nothing in flight: close it now instead of waiting for its ARTIM timeout.
+        # pynetdicom's acceptor blocks on its DUL queue for up to acse_timeout (30 s) waiting for
+        # the request; a None in that queue is its own "timed out" signal, which ends the thread.
+        for assoc in associations:
+            if not assoc.is_established and assoc.requestor.primitive is None and assoc.is_alive():
+                assoc.dul.to_user_queue.put(None)
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for assoc in associations:
             assoc.join(max(0.0, deadline - time.monotonic()))
