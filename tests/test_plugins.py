@@ -107,7 +107,7 @@ def test_the_documented_example_plugin_installs_and_runs(tmp_path):
         check=True, capture_output=True,
     )
     project = tmp_path / "project"
-    write(project / "intu.yaml", "destinations:\n  lines:\n    type: jsonl\n    jsonl: {path: out.jsonl}\n")
+    write(project / "intu.yaml", "destinations:\n  lines:\n    type: jsonl\n    jsonl: {path: out.jsonl}\n    queue: {enabled: false}\n")
     write(project / "channels" / "c" / "channel.yaml", "source: {type: manual}\ndestinations: [lines]\n")
     script = f"""
 import sys

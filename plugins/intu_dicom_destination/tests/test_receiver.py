@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import INTEROP_ENV, free_port, require_tool
+from intu_dicom_destination.testing import INTEROP_ENV, free_port, require_tool
 from intu_dicom_destination.body import body_from_file
 from intu_dicom_destination.receiver import SOURCE_TYPE, DicomSource
 from intu_dicom_destination.source_settings import SourceSettings, SourceTLSSettings, parse_source_settings

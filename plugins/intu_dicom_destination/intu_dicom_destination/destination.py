@@ -1,0 +1,61 @@
+"""The `dicom` destination: turns each message into a Part-10 file and C-STOREs it."""
+
+from __future__ import annotations
+
+from intu_core.message import Message, SendResult
+from intu_core.types import DestinationType, Runtime
+from intu_dicom_destination.body import InvalidBody, prepare_for_send
+from intu_dicom_destination.sender import DicomSender
+from intu_dicom_destination.settings import DestinationSettings, parse_destination_settings
+
+
+class DicomDestination:
+    """A configured DICOM destination (C-STORE SCU) with its association pool.
+
+    ``send`` is thread-safe: each queue worker checks its own association out of the pool
+    (at most ``max_associations`` at a time); ``close`` releases them all."""
+
+    def __init__(self, settings: DestinationSettings, runtime: Runtime) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.work_dir = runtime.data_dir / "dicom" / "outgoing"
+        self.sender = DicomSender(settings, runtime.logger, work_dir=self.work_dir)
+
+    def send(self, message: Message) -> SendResult:
+        try:
+            prepared = prepare_for_send(message.body, self.work_dir)
+        except InvalidBody as exc:
+            return SendResult.permanent(f"not a DICOM instance this destination can send: {exc}")
+        try:
+            result = self.sender.send_file(
+                prepared.path,
+                prepared.sop_class_uid,
+                prepared.sop_instance_uid,
+                prepared.transfer_syntax_uid,
+            )
+        finally:
+            prepared.cleanup()
+        data = {
+            **result.data,
+            "sop_instance_uid": prepared.sop_instance_uid,
+            "sop_class_uid": prepared.sop_class_uid,
+            "called_ae_title": self.settings.called_ae_title,
+            "calling_ae_title": self.settings.ae_title,
+            "peer": self.settings.address,
+        }
+        return SendResult(result.status, result.detail, result.code, data)
+
+    def echo(self):  # type: ignore[no-untyped-def]
+        """C-ECHO the peer (see ``DicomSender.echo``)."""
+        return self.sender.echo()
+
+    def close(self) -> None:
+        self.sender.close()
+
+
+DESTINATION_TYPE = DestinationType(
+    name="dicom",
+    parse_settings=parse_destination_settings,
+    create=DicomDestination,
+    description="C-STORE SCU: send DICOM instances to a PACS/VNA (association pool, TLS, transcoding)",
+)

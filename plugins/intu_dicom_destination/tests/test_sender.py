@@ -1,0 +1,325 @@
+"""DicomSender against a real in-process pynetdicom SCP on loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from intu_dicom_destination.testing import UNCOMPRESSED_ONLY, free_port
+from intu_dicom_destination.sender import DicomSender
+from intu_dicom_destination.settings import DestinationSettings, TlsClientSettings
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+
+from intu_core.message import SendStatus
+
+
+def settings_for(scp, **kw) -> DestinationSettings:
+    base = DestinationSettings(
+        host="127.0.0.1", port=scp.port, called_ae_title=scp.ae_title, timeout_ms=5000, idle_timeout_ms=5000
+    )
+    return replace(base, **kw)
+
+
+@pytest.fixture
+def senders():
+    made: list[DicomSender] = []
+
+    def make(settings: DestinationSettings, **kw) -> DicomSender:
+        sender = DicomSender(settings, **kw)
+        made.append(sender)
+        return sender
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def test_success_and_association_reuse(scp_factory, senders, ct_files):
+    scp = scp_factory()
+    sender = senders(settings_for(scp))
+    files = ct_files(10)
+    results = [sender.send_file(f) for f in files]
+    assert all(r.status is SendStatus.SUCCESS for r in results), results
+    assert len(scp.associations) == 1
+    assert results[0].code == 0 and results[0].data["sop_instance_uid"] == dcmread(files[0]).SOPInstanceUID
+    assert results[-1].data["reused"] is True
+    # The bytes arrived unchanged (chunked send from the file).
+    sent = dcmread(files[3])
+    got = scp.dataset(3)
+    assert got.SOPInstanceUID == sent.SOPInstanceUID and got.PixelData == sent.PixelData
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "words"),
+    [
+        (0xB000, SendStatus.WARNING, "0xB000 Coercion of Data Elements"),
+        (0xB006, SendStatus.WARNING, "0xB006 Element Discarded"),
+        (0xB007, SendStatus.WARNING, "0xB007 Data Set Does Not Match SOP Class"),
+        (0xA700, SendStatus.RETRYABLE, "0xA700 Refused: Out of Resources"),
+        (0xA702, SendStatus.RETRYABLE, "0xA702 Refused: Out of Resources"),
+        (0xC000, SendStatus.PERMANENT, "0xC000 Cannot Understand"),
+        (0xA900, SendStatus.PERMANENT, "0xA900 Data Set Does Not Match SOP Class"),
+        (0x0122, SendStatus.PERMANENT, "0x0122 Refused: SOP Class Not Supported"),
+    ],
+)
+def test_statuses_of_the_third_image(scp_factory, senders, ct_files, code, status, words):
+    scp = scp_factory(status=lambda n, event: code if n == 3 else 0)
+    sender = senders(settings_for(scp))
+    results = [sender.send_file(f) for f in ct_files(4)]
+    assert [r.status for r in results] == [SendStatus.SUCCESS, SendStatus.SUCCESS, status, SendStatus.SUCCESS]
+    assert results[2].code == code
+    assert words in results[2].detail
+    assert results[2].data["status"] == code
+    assert len(scp.associations) == 1  # a failure status does not cost the association
+
+
+@pytest.mark.parametrize("duplicate_is_success", [True, False])
+def test_duplicate(scp_factory, senders, ct_files, duplicate_is_success):
+    scp = scp_factory(status=lambda n, event: 0x0111)
+    sender = senders(settings_for(scp, duplicate_is_success=duplicate_is_success))
+    result = sender.send_file(ct_files(1)[0])
+    assert result.code == 0x0111
+    assert "Duplicat" in result.detail or duplicate_is_success
+    expected = SendStatus.SUCCESS if duplicate_is_success else SendStatus.PERMANENT
+    assert result.status is expected
+
+
+def test_parallel_associations(scp_factory, senders, ct_files):
+    scp = scp_factory(delay=0.02)
+    sender = senders(settings_for(scp, max_associations=3))
+    files = ct_files(24)
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(sender.send_file, files))
+    assert all(r.delivered for r in results)
+    assert 1 < len(scp.associations) <= 3
+    assert scp.max_active <= 3
+    assert len(scp.received) == 24
+
+
+def test_reassociates_after_the_scp_aborts(scp_factory, senders, ct_files):
+    scp = scp_factory(abort_on={3})
+    sender = senders(settings_for(scp))
+    files = ct_files(5)
+    results = [sender.send_file(f) for f in files]
+    assert all(r.status is SendStatus.SUCCESS for r in results), [r.detail for r in results]
+    assert len(scp.associations) == 2
+    uids = [r.sop_instance_uid for r in scp.received]
+    assert uids == [dcmread(f).SOPInstanceUID for f in files]
+
+
+def test_reassociates_after_the_peer_closed_an_idle_association(scp_factory, senders, ct_files):
+    scp = scp_factory()
+    sender = senders(settings_for(scp))
+    files = ct_files(2)
+    assert sender.send_file(files[0]).delivered
+    # The SCP drops every association (e.g. restarted); the pooled one is dead now.
+    for assoc in scp.server.active_associations:
+        assoc.abort()
+    time.sleep(0.2)
+    assert sender.send_file(files[1]).status is SendStatus.SUCCESS
+    assert len(scp.associations) == 2
+
+
+def test_idle_association_is_released(scp_factory, senders, ct_files):
+    scp = scp_factory()
+    sender = senders(settings_for(scp, idle_timeout_ms=300))
+    assert sender.send_file(ct_files(1)[0]).delivered
+    assert scp.active == 1 and sender.open_associations == 1
+    deadline = time.monotonic() + 3
+    while (scp.active or sender.open_associations) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scp.active == 0 and sender.open_associations == 0
+    # ...and the next send opens a new one.
+    assert sender.send_file(ct_files(1)[0]).delivered
+    assert len(scp.associations) == 2
+
+
+def test_association_rejected_names_both_ae_titles_and_the_reason(scp_factory, senders, ct_files):
+    scp = scp_factory(ae_title="REAL_PACS")
+    sender = senders(replace(settings_for(scp), called_ae_title="WRONG_PACS", ae_title="MY_SCU"))
+    result = sender.send_file(ct_files(1)[0])
+    assert result.status is SendStatus.PERMANENT
+    assert "'MY_SCU'" in result.detail and "'WRONG_PACS'" in result.detail
+    assert "Called AE title not recognised" in result.detail
+    assert f"127.0.0.1:{scp.port}" in result.detail
+    echo = sender.echo()
+    assert not echo.ok and "Called AE title not recognised" in echo.detail
+
+
+def test_connection_refused_is_retryable(senders, ct_files):
+    port = free_port()
+    sender = senders(DestinationSettings(host="127.0.0.1", port=port, called_ae_title="X", timeout_ms=2000))
+    result = sender.send_file(ct_files(1)[0])
+    assert result.status is SendStatus.RETRYABLE
+    assert f"127.0.0.1:{port}" in result.detail and "refused" in result.detail.lower()
+
+
+def test_dimse_timeout_is_retryable_and_aborts(scp_factory, senders, ct_files):
+    scp = scp_factory(delay=1.5)
+    sender = senders(settings_for(scp, timeout_ms=500))
+    result = sender.send_file(ct_files(1)[0])
+    assert result.status is SendStatus.RETRYABLE
+    assert "no C-STORE response" in result.detail
+    assert sender.open_associations == 0
+
+
+def _rle_file(tmp_path: Path, ct_files) -> Path:
+    ds = dcmread(ct_files(1)[0])
+    ds.compress(RLELossless)
+    path = tmp_path / "rle.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_compressed_instance_is_decompressed_for_an_uncompressed_only_scp(
+    scp_factory, senders, ct_files, tmp_path
+):
+    path = _rle_file(tmp_path, ct_files)
+    original = dcmread(path)
+    scp = scp_factory(transfer_syntaxes=UNCOMPRESSED_ONLY)
+    sender = senders(settings_for(scp), work_dir=tmp_path / "work")
+    result = sender.send_file(path)
+    assert result.status is SendStatus.SUCCESS, result.detail
+    assert result.data["transcoded_from"] == RLELossless
+    got = scp.dataset(0)
+    assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert np.array_equal(got.pixel_array, original.pixel_array)
+    assert not list((tmp_path / "work").iterdir())  # the temporary file is gone
+
+
+def test_compressed_bytes_go_unchanged_to_an_scp_that_accepts_them(scp_factory, senders, ct_files, tmp_path):
+    path = _rle_file(tmp_path, ct_files)
+    scp = scp_factory(transfer_syntaxes=[RLELossless, ExplicitVRLittleEndian])
+    sender = senders(settings_for(scp))
+    result = sender.send_file(path)
+    assert result.status is SendStatus.SUCCESS
+    assert "transcoded_from" not in result.data
+    got = scp.dataset(0)
+    assert got.file_meta.TransferSyntaxUID == RLELossless
+    assert got.PixelData == dcmread(path).PixelData
+
+
+def test_more_than_128_sop_classes_over_time(scp_factory, senders, ct_files, tmp_path):
+    from pynetdicom.service_class import StorageServiceClass
+    from pynetdicom.sop_class import register_uid
+
+    uids = [f"1.2.826.0.1.3680043.8.498.77.{i}" for i in range(135)]
+    for i, uid in enumerate(uids):
+        register_uid(uid, f"IntuTestStorage{i}", StorageServiceClass)
+    scp = scp_factory(extra_sop_classes=uids)
+    sender = senders(settings_for(scp))
+    base = dcmread(ct_files(1)[0])
+    results = []
+    for i, uid in enumerate(uids):
+        base.SOPClassUID = base.file_meta.MediaStorageSOPClassUID = uid
+        base.SOPInstanceUID = base.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = tmp_path / f"x{i}.dcm"
+        base.save_as(path, enforce_file_format=True)
+        results.append(sender.send_file(path))
+    assert all(r.status is SendStatus.SUCCESS for r in results), {r.detail for r in results}
+    assert all(a["contexts"] <= 128 for a in scp.associations)
+    assert len(scp.received) == 135
+
+
+def test_echo_reports_the_peer(scp_factory, senders):
+    scp = scp_factory()
+    echo = senders(settings_for(scp)).echo()
+    assert echo.ok and echo.status == 0
+    assert echo.their_ae_title == "TEST_SCP" and echo.our_ae_title == "INTU_SCU"
+    assert echo.round_trip_ms is not None and echo.round_trip_ms < 1000
+    assert echo.peer_max_pdu is not None and echo.implementation_class_uid
+
+
+# -- TLS ---------------------------------------------------------------------------------------------
+def _tls_scp(scp_factory, pki, cert="server", require_client=True):
+    from intu_dicom_destination.tls import server_context
+
+    ctx = server_context(pki[cert], pki[f"{cert}_key"], pki["ca"], require_client_cert=require_client)
+    return scp_factory(ssl_context=ctx)
+
+
+def _tls(pki, ca="ca", client=True) -> TlsClientSettings:
+    return TlsClientSettings(
+        enabled=True,
+        ca_cert=pki[ca],
+        client_cert=pki["client"] if client else None,
+        client_key=pki["client_key"] if client else None,
+    )
+
+
+def test_mutual_tls(scp_factory, senders, ct_files, pki):
+    scp = _tls_scp(scp_factory, pki)
+    sender = senders(settings_for(scp, tls=_tls(pki)))
+    results = [sender.send_file(f) for f in ct_files(3)]
+    assert all(r.status is SendStatus.SUCCESS for r in results), [r.detail for r in results]
+    assert sender.echo().tls
+
+
+@pytest.mark.parametrize(
+    ("server_cert", "ca", "host", "words"),
+    [
+        ("server", "other_ca", "127.0.0.1", "unknown CA"),
+        ("expired", "ca", "127.0.0.1", "expired"),
+        ("wrong_host", "ca", "127.0.0.1", "does not name the configured"),
+        ("server", "ca", "localhost", None),  # DNS SAN works too
+    ],
+)
+def test_tls_certificate_problems(scp_factory, senders, ct_files, pki, server_cert, ca, host, words):
+    scp = _tls_scp(scp_factory, pki, cert=server_cert)
+    sender = senders(settings_for(scp, host=host, tls=_tls(pki, ca=ca)))
+    result = sender.send_file(ct_files(1)[0])
+    if words is None:
+        assert result.status is SendStatus.SUCCESS, result.detail
+        return
+    assert result.status is SendStatus.PERMANENT
+    assert "TLS certificate verification" in result.detail and words in result.detail, result.detail
+    assert f"{host}:{scp.port}" in result.detail
+
+
+def test_tls_against_a_plain_tcp_peer(scp_factory, senders, ct_files, pki):
+    scp = scp_factory()
+    sender = senders(settings_for(scp, tls=_tls(pki), timeout_ms=3000))
+    result = sender.send_file(ct_files(1)[0])
+    assert not result.delivered
+    assert "TLS handshake" in result.detail and f"127.0.0.1:{scp.port}" in result.detail, result.detail
+
+
+def test_tls_bad_key_file_is_reported(senders, ct_files, pki, tmp_path):
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key")
+    tls = replace(_tls(pki), client_key=bad)
+    sender = senders(DestinationSettings(host="127.0.0.1", port=1, called_ae_title="X", tls=tls))
+    result = sender.send_file(ct_files(1)[0])
+    assert result.status is SendStatus.PERMANENT and str(bad) in result.detail
+
+
+def test_concurrent_senders_do_not_leak_associations(scp_factory, senders, ct_files):
+    scp = scp_factory()
+    sender = senders(settings_for(scp, max_associations=2))
+    files = ct_files(8)
+    threads = [threading.Thread(target=sender.send_file, args=(f,)) for f in files]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sender.open_associations <= 2
+    sender.close()
+    assert sender.open_associations == 0
+    time.sleep(0.2)
+    assert scp.active == 0
+
+
+def test_tcp_nodelay_is_set(scp_factory, senders, ct_files):
+    scp = scp_factory()
+    sender = senders(settings_for(scp))
+    assert sender.send_file(ct_files(1)[0]).delivered
+    pooled = sender._idle[0]
+    sock = pooled.assoc.dul.socket.socket
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
