@@ -9,6 +9,7 @@ it tells its sender is true.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import shutil
 import signal
@@ -85,11 +86,13 @@ class Engine:
             for used in channel.destinations:
                 self.destination_configs.setdefault(used.destination.name, used.destination)
         for name, config in self.destination_configs.items():
-            registered, _ = self.registry.lookup("destination", config.type)
+            registered, why = self.registry.lookup("destination", config.type)
+            assert registered is not None, why  # load_project checked every type
             runtime = Runtime(name, self.project.data_dir, logging.getLogger(f"intu.destination.{name}"), self.registry.hook)
             self.destinations[name] = registered.create(config.settings, runtime)
         for channel in enabled:
-            registered, _ = self.registry.lookup("source", channel.source.type)
+            registered, why = self.registry.lookup("source", channel.source.type)
+            assert registered is not None, why
             logger = logging.getLogger(f"intu.channel.{channel.name}")
             runtime = Runtime(channel.name, self.project.data_dir, logger, self.registry.hook)
             source = registered.create(channel.source.settings, runtime)
@@ -129,7 +132,7 @@ class Engine:
                 workers.start()
                 self.workers[name] = workers
         for channel in self.channels:
-            channel.source.start(lambda message, ch=channel: self.deliver(ch, message))
+            channel.source.start(functools.partial(self.deliver, channel))
             log.info("channel %s: %s source started", channel.config.name, channel.config.source.type)
         self._started = True
         self.registry.hook.intu_engine_started(engine=self)

@@ -157,7 +157,7 @@ class PluginRegistry:
             if info is None or info.error:
                 continue
             try:
-                cmds = list(impl.function() or ())
+                cmds: list[Any] = list(impl.function() or ())  # type: ignore[call-overload]
             except Exception as exc:
                 info.error = f"intu_cli_commands() failed: {type(exc).__name__}: {exc}"
                 continue

@@ -16,6 +16,11 @@ from intu_core.config.problems import Problem, Problems
 from intu_core.config.yamlfile import line_of
 
 T = TypeVar("T")
+# Section has methods named str/int/float/bool; these aliases keep annotations unambiguous.
+Text = str
+Integer = int
+Number = float
+Flag = bool
 
 
 class _Missing:
@@ -94,16 +99,16 @@ class Section:
 
     def str(
         self,
-        key: str,
+        key: Text,
         default: Any = REQUIRED,
         *,
-        choices: Iterable[str] | None = None,
-        max_length: int | None = None,
+        choices: Iterable[Text] | None = None,
+        max_length: Integer | None = None,
     ) -> Any:
         found, value = self._value(key, default)
         if not found:
             return value
-        if isinstance(value, bool) or isinstance(value, (Mapping, list)):
+        if isinstance(value, Flag) or isinstance(value, (Mapping, list)):
             self.error(key, f"expected a string, found {_describe(value)}")
             return default if default is not REQUIRED else None
         value = str(value)
@@ -119,19 +124,19 @@ class Section:
 
     def int(
         self,
-        key: str,
+        key: Text,
         default: Any = REQUIRED,
         *,
-        min: int | None = None,
-        max: int | None = None,
+        min: Integer | None = None,
+        max: Integer | None = None,
     ) -> Any:
         found, value = self._value(key, default)
         if not found:
             return value
         # A ${VAR} substitution yields a string; accept digits from it.
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, Text) and value.strip().lstrip("-").isdigit():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, Flag) or not isinstance(value, Integer):
             self.error(key, f"expected {_range_text(min, max)}, found {_describe(value)}")
             return default if default is not REQUIRED else None
         if (min is not None and value < min) or (max is not None and value > max):
@@ -139,45 +144,45 @@ class Section:
             return default if default is not REQUIRED else None
         return value
 
-    def float(self, key: str, default: Any = REQUIRED, *, min: float | None = None) -> Any:
+    def float(self, key: Text, default: Any = REQUIRED, *, min: Number | None = None) -> Any:
         found, value = self._value(key, default)
         if not found:
             return value
-        if isinstance(value, str):
+        if isinstance(value, Text):
             try:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, Flag) or not isinstance(value, (Integer, Number)):
             self.error(key, f"expected a number, found {_describe(value)}")
             return default if default is not REQUIRED else None
         if min is not None and value < min:
             self.error(key, f"expected a number of at least {min}, found {value}")
         return float(value)
 
-    def bool(self, key: str, default: Any = REQUIRED) -> Any:
+    def bool(self, key: Text, default: Any = REQUIRED) -> Any:
         found, value = self._value(key, default)
         if not found:
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
+        if isinstance(value, Text) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        if not isinstance(value, bool):
+        if not isinstance(value, Flag):
             self.error(key, f"expected true or false, found {_describe(value)}")
             return default if default is not REQUIRED else None
         return value
 
-    def str_list(self, key: str, default: Any = REQUIRED) -> Any:
+    def str_list(self, key: Text, default: Any = REQUIRED) -> Any:
         found, value = self._value(key, default)
         if not found:
             return value
-        if isinstance(value, str):
+        if isinstance(value, Text):
             value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+        if not isinstance(value, list) or not all(isinstance(v, (Text, Integer)) for v in value):
             self.error(key, f"expected a list of strings, found {_describe(value)}")
             return default if default is not REQUIRED else None
         return [str(v) for v in value]
 
-    def path(self, key: str, default: Any = REQUIRED, *, must_exist: bool = True) -> Any:
+    def path(self, key: Text, default: Any = REQUIRED, *, must_exist: Flag = True) -> Any:
         """A file path; relative paths are taken from the folder of the file that holds it."""
         value = self.str(key, default)
         if value is None or value is default:
@@ -189,7 +194,7 @@ class Section:
             self.error(key, f"expected an existing file, found {value!r} (no such file: {path})")
         return path
 
-    def section(self, key: str) -> Section:
+    def section(self, key: Text) -> Section:
         """The nested mapping at ``key`` (an empty one when the key is absent)."""
         self._read.add(key)
         value = self.data.get(key)
@@ -201,7 +206,7 @@ class Section:
             line=line_of(self.data, key) or self.line,
         )
 
-    def done(self, also_allowed: Iterable[str] = ()) -> None:
+    def done(self, also_allowed: Iterable[Text] = ()) -> None:
         """Report every key that no getter read as unknown, with a "did you mean" hint."""
         known = self._read | set(also_allowed)
         for key in self.data:
