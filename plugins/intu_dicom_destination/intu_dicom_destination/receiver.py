@@ -169,9 +169,14 @@ class DicomSource:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
-        self._server = ae.start_server(
-            (s.host, s.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
-        )
+        try:
+            self._server = ae.start_server(
+                (s.host, s.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+            )
+        except OSError as exc:  # port taken, address not local, no permission for a port < 1024
+            raise RuntimeError(
+                f"DICOM source {self.runtime.name}: cannot listen on {s.host}:{s.port}: {exc.strerror or exc}"
+            ) from exc
         self.logger.info(
             "DICOM source %s listening on %s:%d as %s%s",
             self.runtime.name,
