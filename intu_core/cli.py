@@ -150,7 +150,12 @@ def serve(ctx: click.Context) -> None:
     except ConfigError as err:
         _print_problems(err)
         ctx.exit(2)
-    engine.serve_forever()
+    try:
+        engine.serve_forever()
+    except (OSError, RuntimeError) as exc:  # e.g. a port already taken: one clear line, no traceback
+        logging.getLogger("intu.engine").debug("start failed", exc_info=True)
+        click.echo(f"intu serve: {exc}", err=True)
+        ctx.exit(1)
 
 
 @cli.command()
