@@ -166,6 +166,7 @@ class DeliveryWorkers:
         self._cond = threading.Condition()
         self._generation = 0  # bumped by notify(), so a wake-up between claim and wait is not lost
         self._stopping = False
+        self._stop_event = threading.Event()
         self._workers: list[threading.Thread] = []
         self._counts_lock = threading.Lock()
         self.counts: dict[str, int] = dict.fromkeys(("delivered", "warnings", "retries", "dead", "raised"), 0)
@@ -196,6 +197,7 @@ class DeliveryWorkers:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        self._stop_event.set()
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._workers:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -259,16 +261,29 @@ class DeliveryWorkers:
                 exc_info=True,
             )
             result = SendResult.retryable(f"destination raised {type(exc).__name__}: {exc}")
-        try:
-            self._record(entry, attempt, result)
-        except Exception:
-            self.log.exception(
-                "queue %s: could not record the result of sending message %s (entry %s): it stays in"
-                " flight and is sent again after a restart",
-                self.queue,
-                message.id,
-                entry.id,
-            )
+        # Recording can fail for a while (the disk is full, another process holds the database
+        # longer than the busy timeout). Giving up would leave the entry in flight, never claimed
+        # again until a restart: keep trying, once a second, until it is recorded or we stop.
+        failures = 0
+        while True:
+            try:
+                self._record(entry, attempt, result)
+                if failures:
+                    self.log.info("queue %s: result of entry %s recorded at last", self.queue, entry.id)
+                return
+            except Exception:
+                failures += 1
+                if failures == 1:
+                    self.log.exception(
+                        "queue %s: could not record the result of sending message %s (entry %s); trying"
+                        " again every second (if the engine stops first, it is sent again after the"
+                        " restart)",
+                        self.queue,
+                        message.id,
+                        entry.id,
+                    )
+            if self._stop_event.wait(1.0):  # not the condition: its notify() is meant for idle workers
+                return
 
     def _record(self, entry: Entry, attempt: int, result: SendResult) -> None:
         status = result.status

@@ -13,6 +13,7 @@ import functools
 import logging
 import shutil
 import signal
+import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -209,6 +210,10 @@ class Engine:
             channel.logger.error("message %s refused: cannot store it: %s", message.id, exc)
             self._release(message.files)
             return Acceptance(AcceptanceStatus.BUSY, f"cannot store the message: {exc.strerror or exc}")
+        except sqlite3.OperationalError as exc:  # SQLITE_FULL is no OSError; a lock held too long
+            channel.logger.error("message %s refused: cannot queue it: %s", message.id, exc)
+            self._release(message.files)
+            return Acceptance(AcceptanceStatus.BUSY, f"cannot queue the message: {exc}")
         except Exception as exc:
             channel.logger.exception("message %s: unexpected error", message.id)
             self._release(message.files)

@@ -128,6 +128,10 @@ class SqliteQueueStore:
                     f"the queue database {self.path} has schema version {version}, newer than this "
                     f"intu understands ({SCHEMA_VERSION}); upgrade intu"
                 )
+            if version == SCHEMA_VERSION:
+                # Nothing to write: opening an existing queue must work on a full disk (that is
+                # when an operator runs `intu queue list`) and not wait for the engine's write lock.
+                return
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 for statement in _SCHEMA.split(";"):
@@ -136,7 +140,8 @@ class SqliteQueueStore:
                 self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # a failed COMMIT may have rolled back already
+                    self._conn.execute("ROLLBACK")
                 raise
 
     @contextmanager
