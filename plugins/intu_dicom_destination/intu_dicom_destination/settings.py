@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from intu_core.config.section import REQUIRED, Section
+from intu_core.config.section import Section
+from intu_dicom_destination.ae_title import read_ae_title
 
 DEFAULT_PORT = 104
 DEFAULT_AE_TITLE = "INTU_SCU"
@@ -53,33 +54,6 @@ class DestinationSettings:
     def address(self) -> str:
         """``host:port``, for messages."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def ae_title_problem(value: str) -> str | None:
-    """What is wrong with an AE title (PS3.5 AE VR: 1..16 characters, no backslash, no control
-    characters, not only spaces), or None when it is fine."""
-    if not value.strip(" "):
-        return f"expected an AE title of 1 to 16 characters, found {value!r} (empty or only spaces)"
-    if len(value) > 16:
-        return f"expected an AE title of at most 16 characters, found {len(value)} ({value!r})"
-    if "\\" in value:
-        return f"expected an AE title without a backslash, found {value!r}"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        return f"expected an AE title without control characters, found {value!r}"
-    return None
-
-
-def read_ae_title(section: Section, key: str, default: str | object = REQUIRED) -> str:
-    """Read and validate an AE title at ``key``; records a problem and returns ``default``
-    (or "") when it is invalid. Used by both the destination and the source settings."""
-    value = section.str(key, default)
-    if value is None:
-        return default if isinstance(default, str) else ""
-    problem = ae_title_problem(value)
-    if problem:
-        section.error(key, problem)
-        return default if isinstance(default, str) else ""
-    return value
 
 
 def _cert_file(section: Section, key: str) -> Path | None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from intu_core.config.section import Section
+from intu_dicom_destination.ae_title import ae_title_problem, read_ae_title
 
 DEFAULT_AE_TITLE = "INTU_SCP"
 DEFAULT_HOST = "0.0.0.0"
@@ -55,25 +56,10 @@ class SourceSettings:
     tls: SourceTLSSettings = field(default_factory=SourceTLSSettings)
 
 
-def ae_title_problem(value: str) -> str | None:
-    """Why ``value`` is not a valid AE title (PS3.5 6.2: AE VR), or None when it is."""
-    if not value.strip():
-        return "an AE title cannot be empty or only spaces"
-    if len(value) > 16:
-        return f"an AE title has at most 16 characters, found {len(value)} ({value!r})"
-    if "\\" in value:
-        return f"an AE title cannot contain a backslash, found {value!r}"
-    if any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
-        return f"an AE title holds printable ASCII characters only, found {value!r}"
-    return None
-
-
 def parse_source_settings(section: Section) -> SourceSettings:
     """Read a `dicom` source block; problems are recorded on ``section``, never raised."""
     port = section.int("port", min=1, max=65535)
-    ae_title = section.str("ae_title", DEFAULT_AE_TITLE)
-    if ae_title is not None and (problem := ae_title_problem(ae_title)) is not None:
-        section.error("ae_title", problem)
+    ae_title = read_ae_title(section, "ae_title", DEFAULT_AE_TITLE)
     host = section.str("host", DEFAULT_HOST)
     if host is not None and not host.strip():
         section.error("host", "expected a bind address such as 0.0.0.0 or 127.0.0.1, found ''")
