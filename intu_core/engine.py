@@ -22,8 +22,8 @@ from typing import Any
 
 from intu_core.config.problems import ConfigError, Problem
 from intu_core.config.project import ChannelConfig, DestinationConfig, Project
-from intu_core.delivery import DeliveryWorkers
-from intu_core.message import Acceptance, AcceptanceStatus, Message
+from intu_core.delivery import DeliveryWorkers, RetryPolicy
+from intu_core.message import Acceptance, AcceptanceStatus, Message, SendResult
 from intu_core.pipeline import Pipeline
 from intu_core.plugins import PluginRegistry
 from intu_core.queue import channel_queue
@@ -31,6 +31,10 @@ from intu_core.queue.sqlite import SqliteQueueStore
 from intu_core.types import Destination, Runtime, Source
 
 log = logging.getLogger("intu.engine")
+
+# A replayed message that meets a full queue waits and tries again; one that errors again is kept
+# as a dead letter of the channel's queue, with the new traceback.
+REPLAY_POLICY = RetryPolicy(max_attempts=0, backoff="exponential", initial_delay_ms=1000, max_delay_ms=60_000)
 
 
 @dataclass
@@ -133,6 +137,13 @@ class Engine:
                 workers.start()
                 self.workers[name] = workers
         for channel in self.channels:
+            # Errored messages that an operator put back (intu queue retry) run through the channel again.
+            replay = DeliveryWorkers(
+                self.store, channel_queue(channel.config.name), ChannelReplay(self, channel), REPLAY_POLICY, 1,
+                channel.logger,
+            )
+            replay.start()
+            self.workers[channel_queue(channel.config.name)] = replay
             channel.source.start(functools.partial(self.deliver, channel))
             log.info("channel %s: %s source started", channel.config.name, channel.config.source.type)
         self._started = True
@@ -185,6 +196,11 @@ class Engine:
     # -- the hand-over from a source -------------------------------------------------------
     def deliver(self, channel: ChannelRuntime, message: Message) -> Acceptance:
         """Run ``message`` through ``channel`` and keep it durably. Owns ``message.files`` from here."""
+        return self._accept(channel, message, replay=False)
+
+    def _accept(self, channel: ChannelRuntime, message: Message, *, replay: bool) -> Acceptance:
+        """``replay``: the message is an errored entry being run through the channel again; its
+        entry holds its files and records any new error, so nothing is recorded here."""
         assert self.store is not None
         name = channel.config.name
         if not message.channel:
@@ -198,8 +214,13 @@ class Engine:
             result = channel.pipeline.run(message)
             if result.error is not None:
                 err = result.error
+                if replay:
+                    return Acceptance(AcceptanceStatus.FAILED, f"{err.stage}: {err.summary}\n{err.detail}")
                 self.store.record_error(message, channel_queue(name), f"{err.stage}: {err.summary}\n{err.detail}")
-                channel.logger.error("message %s errored in %s: %s (kept; see intu queue list --state errored)", message.id, err.stage, err.summary)
+                channel.logger.error(
+                    "message %s errored in %s: %s (kept; see intu queue list --state errored)",
+                    message.id, err.stage, err.summary,
+                )
                 return Acceptance(AcceptanceStatus.FAILED, f"{err.stage}: {err.summary}")
             if result.filtered:
                 channel.logger.info("message %s filtered", message.id)
@@ -273,3 +294,22 @@ class Engine:
     @property
     def data_dir(self) -> Path:
         return self.project.data_dir
+
+
+class ChannelReplay:
+    """Runs a retried errored message through its channel again, as a destination of its queue."""
+
+    def __init__(self, engine: Engine, channel: ChannelRuntime) -> None:
+        self.engine = engine
+        self.channel = channel
+
+    def send(self, message: Message) -> SendResult:
+        acceptance = self.engine._accept(self.channel, message, replay=True)
+        if acceptance.status is AcceptanceStatus.BUSY:
+            return SendResult.retryable(acceptance.detail)
+        if acceptance.status is AcceptanceStatus.FAILED:
+            return SendResult.permanent(acceptance.detail)
+        return SendResult.success(f"run through channel {self.channel.config.name} again")
+
+    def close(self) -> None:
+        pass

@@ -133,3 +133,38 @@ def test_two_engines_cannot_share_a_data_folder(tmp_path):
         with pytest.raises(ConfigError, match="another intu engine is already using"):
             with running_engine(tmp_path, registry_with(manual_source)):
                 pass
+
+
+def test_a_retried_errored_message_runs_through_the_fixed_channel(tmp_path):
+    """A transformer bug errors a message; after the fix, `intu queue retry` re-runs it."""
+    queued_project(tmp_path)
+    transformer = tmp_path / "channels" / "inbound" / "transformer.py"
+    write(transformer, "def transform(msg, ctx):\n    raise KeyError('not yet')\n")
+    attachment = tmp_path / "attachment.bin"
+    attachment.write_bytes(b"pixels")
+    with running_engine(tmp_path, registry_with(manual_source)) as engine:
+        result = engine_deliver(engine, "inbound", Message(body={"n": 9}, files=(str(attachment),)))
+        (entry,) = engine.store.list_entries(state=EntryState.ERRORED)
+    assert result.status is AcceptanceStatus.FAILED
+    write(transformer, "def transform(msg, ctx):\n    return msg.replace(body={**msg.body, 'fixed': True})\n")
+    with running_engine(tmp_path, registry_with(manual_source)) as engine:
+        assert engine.store.retry(entry_ids=[entry.id], state=None) == 1
+        engine.workers["channel:inbound"].notify()
+        assert wait_for(lambda: list((tmp_path / "out").glob("*.json")))
+        assert wait_for(lambda: not attachment.exists())  # released once delivered
+        assert engine.store.list_entries() == []
+    (written,) = (tmp_path / "out").glob("*.json")
+    assert json.loads(written.read_text())["body"] == {"n": 9, "fixed": True}
+
+
+def test_a_retried_message_that_errors_again_is_kept_as_dead(tmp_path):
+    queued_project(tmp_path)
+    write(tmp_path / "channels" / "inbound" / "transformer.py", "def transform(msg, ctx):\n    raise KeyError('still')\n")
+    with running_engine(tmp_path, registry_with(manual_source)) as engine:
+        engine_deliver(engine, "inbound", Message(body={}))
+        (entry,) = engine.store.list_entries(state=EntryState.ERRORED)
+        engine.store.retry(entry_ids=[entry.id], state=None)
+        engine.workers["channel:inbound"].notify()
+        assert wait_for(lambda: engine.store.list_entries(state=EntryState.DEAD))
+        (dead,) = engine.store.list_entries(state=EntryState.DEAD)
+    assert "KeyError: 'still'" in dead.last_error

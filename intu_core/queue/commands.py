@@ -137,27 +137,34 @@ def show_command(ctx: click.Context, entry_id: str, full_body: bool) -> None:
 @click.argument("entry_ids", nargs=-1)
 @_queue_option
 @click.option("--all-dead", is_flag=True, help="Every dead entry of every queue.")
+@click.option("--all-errored", is_flag=True, help="Every errored entry (run through its channel again).")
 @click.pass_context
 def retry_command(
-    ctx: click.Context, entry_ids: tuple[str, ...], queue_name: str | None, all_dead: bool
+    ctx: click.Context, entry_ids: tuple[str, ...], queue_name: str | None, all_dead: bool, all_errored: bool
 ) -> None:
-    """Put dead (or errored) entries back in their queue, to be sent now.
+    """Put dead or errored entries back in their queue, to be sent (or re-run) now.
 
     With IDs: those entries (dead or errored). With --destination only: its dead entries.
+    Errored entries of a channel (a transformer raised) run through the channel again, so fix the
+    transformer and restart `intu serve` first.
     """
-    if not entry_ids and queue_name is None and not all_dead:
-        raise click.UsageError("name entry IDs, or --destination NAME, or --all-dead")
+    if not entry_ids and queue_name is None and not all_dead and not all_errored:
+        raise click.UsageError("name entry IDs, or --destination NAME, or --all-dead, or --all-errored")
     with _open_store(ctx) as store:
         assert store is not None
         if entry_ids:
             count = store.retry(queue_name, list(entry_ids), state=None)
         else:
-            count = store.retry(queue_name, None, state=EntryState.DEAD)
+            count = 0
+            if all_dead or queue_name is not None:
+                count += store.retry(queue_name, None, state=EntryState.DEAD)
+            if all_errored:
+                count += store.retry(queue_name, None, state=EntryState.ERRORED)
     click.echo(f"{count} entr{'y' if count == 1 else 'ies'} put back in the queue")
     if entry_ids and count < len(entry_ids):
         click.echo(
-            f"{len(entry_ids) - count} of the given entries were not retried: unknown, not dead or"
-            " errored, or errored in a channel (the engine runs those through the channel again)",
+            f"{len(entry_ids) - count} of the given entries were not retried: unknown, or neither dead"
+            " nor errored",
             err=True,
         )
 

@@ -339,11 +339,9 @@ class SqliteQueueStore:
     ) -> int:
         """Dead or errored entries back to pending now, attempts reset; returns how many.
 
-        ``state`` narrows to dead or to errored entries (None: both). An errored entry goes back to
-        pending only when its queue is a destination's queue (it failed in that destination's
-        stages and is sent as stored); errored entries of a channel's error queue
-        (``channel:<name>``) must be run through the channel again, which the engine does, so they
-        are left as they are here.
+        ``state`` narrows to dead or to errored entries (None: both). Entries of a channel's error
+        queue (``channel:<name>``) go back to pending too: the running engine runs them through
+        the channel again (its replay worker), so a fixed transformer gets a second chance.
         """
         states = _retryable_states(state)
         where, params = _filters(queue, entry_ids, states)
@@ -351,7 +349,7 @@ class SqliteQueueStore:
         note = json.dumps(attempt_record(now, "retried by an operator"))
         with self._write() as conn:
             rows = conn.execute(f"SELECT id, queue, state FROM entries WHERE {where}", params).fetchall()
-            ids = [r["id"] for r in rows if r["state"] == _DEAD or is_destination_queue(r["queue"])]
+            ids = [r["id"] for r in rows]
             if ids:
                 conn.execute(
                     f"UPDATE entries SET state = '{_PENDING}', attempts = 0, next_attempt_at = ?,"
