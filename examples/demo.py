@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pydicom
-
 from intu_dicom_destination.samples import write_ct_series
 
 EXAMPLES = Path(__file__).resolve().parent
@@ -46,7 +45,9 @@ def pixel_hash(path: Path) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--count", type=int, default=20, help="instances in the study (default 20)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary data folder")
     args = parser.parse_args()

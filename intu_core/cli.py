@@ -63,8 +63,13 @@ def _dir_option(fn):  # type: ignore[no-untyped-def]
             ctx.ensure_object(CliState).directory = Path(value)
 
     return click.option(
-        "--dir", "directory", type=click.Path(file_okay=True), expose_value=False, callback=set_dir,
-        is_eager=True, help="Project folder holding intu.yaml (default: the current folder).",
+        "--dir",
+        "directory",
+        type=click.Path(file_okay=True),
+        expose_value=False,
+        callback=set_dir,
+        is_eager=True,
+        help="Project folder holding intu.yaml (default: the current folder).",
     )(fn)
 
 
@@ -97,10 +102,21 @@ class IntuGroup(click.Group):
 
 @click.group(cls=IntuGroup)
 @click.version_option(__version__, prog_name="intu")
-@click.option("--dir", "directory", type=click.Path(), default=None, envvar="INTU_DIR",
-              help="Project folder holding intu.yaml (default: the current folder).")
-@click.option("--log-level", default="info", show_default=True, envvar="INTU_LOG_LEVEL",
-              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(),
+    default=None,
+    envvar="INTU_DIR",
+    help="Project folder holding intu.yaml (default: the current folder).",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    envvar="INTU_LOG_LEVEL",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+)
 @click.pass_context
 def cli(ctx: click.Context, directory: str | None, log_level: str) -> None:
     """intu: a small integration engine. Channels live as files in git; plugins add types."""

@@ -74,7 +74,11 @@ class Engine:
                 pipelines[channel.name] = Pipeline(channel, logger)
             except Exception as exc:  # a syntax error in a stage file, a missing function
                 problems.append(
-                    Problem(channel.folder / "channel.yaml", "", f"cannot load a stage file: {type(exc).__name__}: {exc}")
+                    Problem(
+                        channel.folder / "channel.yaml",
+                        "",
+                        f"cannot load a stage file: {type(exc).__name__}: {exc}",
+                    )
                 )
         if problems:
             raise ConfigError(problems)
@@ -93,7 +97,9 @@ class Engine:
         for name, config in self.destination_configs.items():
             registered, why = self.registry.lookup("destination", config.type)
             assert registered is not None, why  # load_project checked every type
-            runtime = Runtime(name, self.project.data_dir, logging.getLogger(f"intu.destination.{name}"), self.registry.hook)
+            runtime = Runtime(
+                name, self.project.data_dir, logging.getLogger(f"intu.destination.{name}"), self.registry.hook
+            )
             self.destinations[name] = registered.create(config.settings, runtime)
         for channel in enabled:
             registered, why = self.registry.lookup("source", channel.source.type)
@@ -112,8 +118,13 @@ class Engine:
         except BlockingIOError:
             self._lock_file.close()
             raise ConfigError(
-                [Problem(self.project.config_file, "data_dir",
-                         f"another intu engine is already using {self.project.data_dir}")]
+                [
+                    Problem(
+                        self.project.config_file,
+                        "data_dir",
+                        f"another intu engine is already using {self.project.data_dir}",
+                    )
+                ]
             ) from None
 
     # -- running ---------------------------------------------------------------------------
@@ -131,7 +142,11 @@ class Engine:
         for name, config in self.destination_configs.items():
             if config.queue.enabled:
                 workers = DeliveryWorkers(
-                    self.store, name, self.destinations[name], config.retry, config.queue.threads,
+                    self.store,
+                    name,
+                    self.destinations[name],
+                    config.retry,
+                    config.queue.threads,
                     logging.getLogger(f"intu.destination.{name}"),
                 )
                 workers.start()
@@ -139,7 +154,11 @@ class Engine:
         for channel in self.channels:
             # Errored messages that an operator put back (intu queue retry) run through the channel again.
             replay = DeliveryWorkers(
-                self.store, channel_queue(channel.config.name), ChannelReplay(self, channel), REPLAY_POLICY, 1,
+                self.store,
+                channel_queue(channel.config.name),
+                ChannelReplay(self, channel),
+                REPLAY_POLICY,
+                1,
                 channel.logger,
             )
             replay.start()
@@ -216,10 +235,14 @@ class Engine:
                 err = result.error
                 if replay:
                     return Acceptance(AcceptanceStatus.FAILED, f"{err.stage}: {err.summary}\n{err.detail}")
-                self.store.record_error(message, channel_queue(name), f"{err.stage}: {err.summary}\n{err.detail}")
+                self.store.record_error(
+                    message, channel_queue(name), f"{err.stage}: {err.summary}\n{err.detail}"
+                )
                 channel.logger.error(
                     "message %s errored in %s: %s (kept; see intu queue list --state errored)",
-                    message.id, err.stage, err.summary,
+                    message.id,
+                    err.stage,
+                    err.summary,
                 )
                 return Acceptance(AcceptanceStatus.FAILED, f"{err.stage}: {err.summary}")
             if result.filtered:
@@ -254,7 +277,9 @@ class Engine:
                 return f"queue {used.destination.name} is full ({queue.max_size} messages)"
         return ""
 
-    def _hand_over(self, channel: ChannelRuntime, message: Message, outputs: list[tuple[str, Message]]) -> Acceptance:
+    def _hand_over(
+        self, channel: ChannelRuntime, message: Message, outputs: list[tuple[str, Message]]
+    ) -> Acceptance:
         assert self.store is not None
         queued = [(d, m) for d, m in outputs if self.destination_configs[d].queue.enabled]
         direct = [(d, m) for d, m in outputs if not self.destination_configs[d].queue.enabled]

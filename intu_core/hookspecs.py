@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    import click
-
     from pathlib import Path
+
+    import click
 
     from intu_core.engine import Engine
     from intu_core.message import Message

@@ -130,9 +130,7 @@ class PluginRegistry:
         if (kind, name) in self.unusable:
             return None, self.unusable[(kind, name)]
         broken = [p for p in self.plugins if p.error]
-        known = ", ".join(
-            f"{n} ({r.plugin.distribution})" for n, r in sorted(table.items())
-        ) or "none"
+        known = ", ".join(f"{n} ({r.plugin.distribution})" for n, r in sorted(table.items())) or "none"
         reason = f"unknown {kind} type {name!r}; installed {kind} types: {known}"
         suspects = [p for p in broken if p.name == name] or broken
         if suspects:
@@ -170,9 +168,7 @@ def _entry_points() -> Iterable[Any]:
     return metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP)
 
 
-def load_plugins(
-    *, entry_points: bool = True, extra: Sequence[object] = ()
-) -> PluginRegistry:
+def load_plugins(*, entry_points: bool = True, extra: Sequence[object] = ()) -> PluginRegistry:
     """Build a registry from the built-in types, installed entry points and ``extra`` objects.
 
     ``extra`` lets tests (and plugin authors, through ``intu_core.testing``) register a plugin
@@ -186,9 +182,7 @@ def load_plugins(
     if entry_points:
         for ep in _entry_points():
             dist = getattr(ep, "dist", None)
-            info = PluginInfo(
-                ep.name, dist.name if dist else "?", dist.version if dist else ""
-            )
+            info = PluginInfo(ep.name, dist.name if dist else "?", dist.version if dist else "")
             try:
                 plugin = ep.load()
             except Exception as exc:

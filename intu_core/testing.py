@@ -76,7 +76,9 @@ def intu_source_types() -> list[SourceType]:
 
 
 # ``registry_with(manual_source)`` registers the hook above as a plugin of its own.
-manual_source = SimpleNamespace(intu_source_types=intu_source_types, __name__="intu_core.testing.manual_source")
+manual_source = SimpleNamespace(
+    intu_source_types=intu_source_types, __name__="intu_core.testing.manual_source"
+)
 
 
 @contextlib.contextmanager

@@ -67,8 +67,7 @@ class Source(Protocol):
 def _check_name(kind: str, name: str) -> None:
     if not _TYPE_NAME.match(name):
         raise ValueError(
-            f"{kind} type name {name!r} must be lowercase letters, digits, '-' or '_', "
-            "starting with a letter"
+            f"{kind} type name {name!r} must be lowercase letters, digits, '-' or '_', starting with a letter"
         )
 
 

@@ -85,7 +85,9 @@ class IntuProcess:
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "intu_core", "--dir", str(self.project), "serve"],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         for port in ports:
             wait_for_port(port, timeout=timeout, proc=self.proc)

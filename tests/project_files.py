@@ -12,7 +12,9 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def fake_distribution(site: Path, dist: str, version: str, entry_points: dict[str, str], modules: dict[str, str] | None = None) -> Path:
+def fake_distribution(
+    site: Path, dist: str, version: str, entry_points: dict[str, str], modules: dict[str, str] | None = None
+) -> Path:
     """Make ``site`` look like an installed distribution: a *.dist-info with entry points.
 
     This is exactly what importlib.metadata reads for an installed wheel, so plugin discovery is

@@ -62,7 +62,10 @@ def test_unknown_key_names_file_line_path_and_suggests(tmp_path):
     root = GOOD_ROOT.replace("directory: out", "directroy: out")
     found = problems_of(project(tmp_path, root))
     file = tmp_path.resolve() / "intu.yaml"
-    assert f"{file}:6: destinations.archive.file.directroy: unknown key 'directroy' (did you mean 'directory'?)" in found
+    assert (
+        f"{file}:6: destinations.archive.file.directroy: unknown key 'directroy' (did you mean 'directory'?)"
+        in found
+    )
     assert f"{file}:5: destinations.archive.file: missing required key 'directory'" in found
 
 
@@ -75,11 +78,18 @@ def test_wrong_type_says_expected_and_found(tmp_path):
 
 def test_every_error_is_reported_at_once(tmp_path):
     root = GOOD_ROOT.replace("type: file", "type: fiel").replace("backoff: linear", "backoff: sideways")
-    channel = GOOD_CHANNEL.replace("- archive", "- archiv").replace("type: manual", "type: manual\n      colour: red")
+    channel = GOOD_CHANNEL.replace("- archive", "- archiv").replace(
+        "type: manual", "type: manual\n      colour: red"
+    )
     found = problems_of(project(tmp_path, root, channel))
     text = "\n".join(found)
-    assert "destinations.archive.type: unknown destination type 'fiel'" in text and "did you mean 'file'" in text
-    assert "destinations.archive.retry.backoff: expected one of constant, linear, exponential, found 'sideways'" in text
+    assert (
+        "destinations.archive.type: unknown destination type 'fiel'" in text and "did you mean 'file'" in text
+    )
+    assert (
+        "destinations.archive.retry.backoff: expected one of constant, linear, exponential, found 'sideways'"
+        in text
+    )
     assert "source.colour: unknown key 'colour'" in text
     assert "destinations[0].name: unknown destination 'archiv'" in text and "did you mean 'archive'" in text
     assert len(found) >= 4
@@ -91,7 +101,9 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
 
 
 def test_environment_and_dotenv_substitution(tmp_path, monkeypatch):
-    root = GOOD_ROOT.replace("directory: out", "directory: ${OUT_DIR}").replace("threads: 1", "threads: '${THREADS:-4}'")
+    root = GOOD_ROOT.replace("directory: out", "directory: ${OUT_DIR}").replace(
+        "threads: 1", "threads: '${THREADS:-4}'"
+    )
     project(tmp_path, root)
     write(tmp_path / ".env", "OUT_DIR=from-dotenv\n")
     monkeypatch.delenv("OUT_DIR", raising=False)
@@ -107,7 +119,9 @@ def test_unset_variable_is_an_error_naming_it(tmp_path, monkeypatch):
     monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
     root = GOOD_ROOT.replace("directory: out", "directory: ${NOT_SET_ANYWHERE}")
     (problem,) = problems_of(project(tmp_path, root))
-    assert "destinations.archive.file.directory: environment variable 'NOT_SET_ANYWHERE' is not set" in problem
+    assert (
+        "destinations.archive.file.directory: environment variable 'NOT_SET_ANYWHERE' is not set" in problem
+    )
 
 
 def test_missing_source_and_destinations(tmp_path):
@@ -141,7 +155,10 @@ def test_intu_validate_says_ok(tmp_path, installed_manual_source):
 
 
 def test_intu_validate_reports_a_broken_transformer(tmp_path, installed_manual_source):
-    project(tmp_path, GOOD_ROOT.replace("type: file", "type: log").replace("file:\n          directory: out", "log: {}"))
+    project(
+        tmp_path,
+        GOOD_ROOT.replace("type: file", "type: log").replace("file:\n          directory: out", "log: {}"),
+    )
     write(tmp_path / "channels" / "inbound" / "transformer.py", "def transform(msg, ctx)\n    return msg\n")
     result = CliRunner().invoke(cli, ["validate", "--dir", str(tmp_path)])
     assert result.exit_code == 1, result.output

@@ -29,7 +29,10 @@ def queued_project(tmp_path, directory="out", extra=""):
         {extra}
         """,
     )
-    write(tmp_path / "channels" / "inbound" / "channel.yaml", "source: {type: manual}\ndestinations: [archive]\n")
+    write(
+        tmp_path / "channels" / "inbound" / "channel.yaml",
+        "source: {type: manual}\ndestinations: [archive]\n",
+    )
     return tmp_path
 
 
@@ -93,7 +96,10 @@ def test_queued_messages_survive_a_restart(tmp_path):
 
 def test_errored_messages_are_kept_with_their_files(tmp_path):
     queued_project(tmp_path)
-    write(tmp_path / "channels" / "inbound" / "transformer.py", "def transform(msg, ctx):\n    raise KeyError('x')\n")
+    write(
+        tmp_path / "channels" / "inbound" / "transformer.py",
+        "def transform(msg, ctx):\n    raise KeyError('x')\n",
+    )
     attachment = tmp_path / "attachment.bin"
     attachment.write_bytes(b"pixels")
     with running_engine(tmp_path, registry_with(manual_source)) as engine:
@@ -110,7 +116,9 @@ def test_intu_serve_stops_gracefully_on_sigterm(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "intu_core.cli", "--dir", str(tmp_path / "project"), "serve"],
-        env=env, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     lines = []
     for line in proc.stderr:
@@ -159,7 +167,10 @@ def test_a_retried_errored_message_runs_through_the_fixed_channel(tmp_path):
 
 def test_a_retried_message_that_errors_again_is_kept_as_dead(tmp_path):
     queued_project(tmp_path)
-    write(tmp_path / "channels" / "inbound" / "transformer.py", "def transform(msg, ctx):\n    raise KeyError('still')\n")
+    write(
+        tmp_path / "channels" / "inbound" / "transformer.py",
+        "def transform(msg, ctx):\n    raise KeyError('still')\n",
+    )
     with running_engine(tmp_path, registry_with(manual_source)) as engine:
         engine_deliver(engine, "inbound", Message(body={}))
         (entry,) = engine.store.list_entries(state=EntryState.ERRORED)

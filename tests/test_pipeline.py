@@ -54,13 +54,16 @@ def make_project(tmp_path):
     write(folder / "only_copies.py", "def filter(msg, ctx):\n    return msg.body.get('copy', False)\n")
     write(
         folder / "mark_copy.py",
-        "def transform(msg, ctx):\n    return msg.replace(body={**msg.body, 'destination': ctx.destination})\n",
+        "def transform(msg, ctx):\n"
+        "    return msg.replace(body={**msg.body, 'destination': ctx.destination})\n",
     )
     return tmp_path
 
 
 def written(folder):
-    return [json.loads(p.read_text())["body"] for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+    return (
+        [json.loads(p.read_text())["body"] for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+    )
 
 
 def test_stages_run_in_order_with_context(tmp_path, caplog):

@@ -36,16 +36,26 @@ def intu_destination_types():
 
 
 def test_types_are_discovered_from_an_installed_distribution(site):
-    fake_distribution(site, "intu-nothing", "1.2.3", {"nothing": "fakeplugin_nothing"},
-                      {"fakeplugin_nothing": GOOD_PLUGIN.replace("{name}", "nothing")})
+    fake_distribution(
+        site,
+        "intu-nothing",
+        "1.2.3",
+        {"nothing": "fakeplugin_nothing"},
+        {"fakeplugin_nothing": GOOD_PLUGIN.replace("{name}", "nothing")},
+    )
     registry = load_plugins()
     assert registry.destination_types["nothing"].plugin.label == "intu-nothing 1.2.3"
     assert "file" in registry.destination_types and "log" in registry.destination_types
 
 
 def test_a_plugin_that_fails_to_import_is_reported_and_the_rest_goes_on(site, tmp_path):
-    fake_distribution(site, "intu-broken", "0.9", {"broken": "fakeplugin_broken"},
-                      {"fakeplugin_broken": "import a_module_that_does_not_exist\n"})
+    fake_distribution(
+        site,
+        "intu-broken",
+        "0.9",
+        {"broken": "fakeplugin_broken"},
+        {"fakeplugin_broken": "import a_module_that_does_not_exist\n"},
+    )
     registry = load_plugins()
     (broken,) = [p for p in registry.plugins if p.distribution == "intu-broken"]
     assert "ModuleNotFoundError" in broken.error and "a_module_that_does_not_exist" in broken.error
@@ -62,10 +72,20 @@ def test_a_plugin_that_fails_to_import_is_reported_and_the_rest_goes_on(site, tm
 
 
 def test_duplicate_type_names_name_both_distributions(site):
-    fake_distribution(site, "intu-one", "1.0", {"one": "fakeplugin_one"},
-                      {"fakeplugin_one": GOOD_PLUGIN.replace("{name}", "twin")})
-    fake_distribution(site, "intu-two", "2.0", {"two": "fakeplugin_two"},
-                      {"fakeplugin_two": GOOD_PLUGIN.replace("{name}", "twin")})
+    fake_distribution(
+        site,
+        "intu-one",
+        "1.0",
+        {"one": "fakeplugin_one"},
+        {"fakeplugin_one": GOOD_PLUGIN.replace("{name}", "twin")},
+    )
+    fake_distribution(
+        site,
+        "intu-two",
+        "2.0",
+        {"two": "fakeplugin_two"},
+        {"fakeplugin_two": GOOD_PLUGIN.replace("{name}", "twin")},
+    )
     registry = load_plugins()
     assert "twin" not in registry.destination_types
     _, why = registry.lookup("destination", "twin")
@@ -73,7 +93,9 @@ def test_duplicate_type_names_name_both_distributions(site):
 
 
 def test_a_misspelled_hook_is_caught(site):
-    source = GOOD_PLUGIN.replace("{name}", "typo").replace("def intu_destination_types", "def intu_destinaton_types")
+    source = GOOD_PLUGIN.replace("{name}", "typo").replace(
+        "def intu_destination_types", "def intu_destinaton_types"
+    )
     fake_distribution(site, "intu-typo", "0.1", {"typo": "fakeplugin_typo"}, {"fakeplugin_typo": source})
     registry = load_plugins()
     (typo,) = [p for p in registry.plugins if p.distribution == "intu-typo"]
@@ -81,16 +103,26 @@ def test_a_misspelled_hook_is_caught(site):
 
 
 def test_a_plugin_whose_hook_raises_is_isolated(site):
-    source = "from intu_core import hookimpl\n@hookimpl\ndef intu_destination_types():\n    raise RuntimeError('boom')\n"
-    fake_distribution(site, "intu-raises", "0.1", {"raises": "fakeplugin_raises"}, {"fakeplugin_raises": source})
+    source = (
+        "from intu_core import hookimpl\n"
+        "@hookimpl\ndef intu_destination_types():\n    raise RuntimeError('boom')\n"
+    )
+    fake_distribution(
+        site, "intu-raises", "0.1", {"raises": "fakeplugin_raises"}, {"fakeplugin_raises": source}
+    )
     registry = load_plugins()
     (bad,) = [p for p in registry.plugins if p.distribution == "intu-raises"]
     assert "intu_destination_types() failed: RuntimeError: boom" in bad.error
 
 
 def test_intu_plugins_lists_plugins_versions_and_types(site):
-    fake_distribution(site, "intu-nothing", "1.2.3", {"nothing": "fakeplugin_nothing"},
-                      {"fakeplugin_nothing": GOOD_PLUGIN.replace("{name}", "nothing")})
+    fake_distribution(
+        site,
+        "intu-nothing",
+        "1.2.3",
+        {"nothing": "fakeplugin_nothing"},
+        {"fakeplugin_nothing": GOOD_PLUGIN.replace("{name}", "nothing")},
+    )
     result = CliRunner().invoke(cli, ["plugins"])
     assert result.exit_code == 0, result.output
     assert "intu-core 0.1.0" in result.output and "destination types: file, log" in result.output
@@ -102,12 +134,26 @@ def test_the_documented_example_plugin_installs_and_runs(tmp_path):
     """docs/example-plugin is a complete third-party plugin: install it for real and run a channel."""
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-         "--target", str(target), str(REPO / "docs" / "example-plugin")],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(REPO / "docs" / "example-plugin"),
+        ],
+        check=True,
+        capture_output=True,
     )
     project = tmp_path / "project"
-    write(project / "intu.yaml", "destinations:\n  lines:\n    type: jsonl\n    jsonl: {path: out.jsonl}\n    queue: {enabled: false}\n")
+    write(
+        project / "intu.yaml",
+        "destinations:\n  lines:\n    type: jsonl\n    jsonl: {path: out.jsonl}\n"
+        "    queue: {enabled: false}\n",
+    )
     write(project / "channels" / "c" / "channel.yaml", "source: {type: manual}\ndestinations: [lines]\n")
     script = f"""
 import sys

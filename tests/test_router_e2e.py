@@ -364,7 +364,10 @@ def test_a_port_in_use_stops_serve_with_a_clear_error(tmp_path: Path) -> None:
         serve.start()
         assert serve.proc is not None and serve.proc.wait(timeout=30) != 0
     log = serve.log_text()
-    assert f"intu serve: DICOM source dicom-router: cannot listen on 127.0.0.1:{port}: Address already in use" in log, log
+    assert (
+        f"intu serve: DICOM source dicom-router: cannot listen on 127.0.0.1:{port}: Address already in use"
+        in log
+    ), log
     assert "Traceback" not in log, log
 
 

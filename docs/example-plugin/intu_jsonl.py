@@ -54,4 +54,6 @@ class JsonlDestination:
 
 @hookimpl
 def intu_destination_types() -> list[DestinationType]:
-    return [DestinationType("jsonl", parse_settings, JsonlDestination, "Appends messages to a JSON Lines file.")]
+    return [
+        DestinationType("jsonl", parse_settings, JsonlDestination, "Appends messages to a JSON Lines file.")
+    ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,5 +66,3 @@ FILE_DESTINATION = DestinationType(
     create=FileDestination,
     description="Writes each message as a file in a folder (DICOM bodies as Part-10 files).",
 )
-
-

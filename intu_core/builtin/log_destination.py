@@ -36,7 +36,9 @@ class LogDestination:
             shown = "{" + ", ".join(sorted(map(str, body)))[:200] + "}"
         else:
             shown = f"{type(body).__name__} of {len(body) if hasattr(body, '__len__') else '?'}"
-        getattr(self.logger, self.settings.level)("message %s from %s: %s", message.id, message.channel, shown)
+        getattr(self.logger, self.settings.level)(
+            "message %s from %s: %s", message.id, message.channel, shown
+        )
         return SendResult.success()
 
     def close(self) -> None:

@@ -87,9 +87,7 @@ def find_config(path: Path) -> Path:
     return path / CONFIG_FILE if path.is_dir() else path
 
 
-def load_project(
-    path: Path, registry: PluginRegistry, env: Mapping[str, str] | None = None
-) -> Project:
+def load_project(path: Path, registry: PluginRegistry, env: Mapping[str, str] | None = None) -> Project:
     """Load and validate the project at ``path`` (a folder holding intu.yaml, or the file)."""
     config_file = find_config(path).resolve()
     root = config_file.parent
@@ -122,13 +120,17 @@ def load_project(
         for folder in sorted(p for p in channels_dir.iterdir() if p.is_dir()):
             if not (folder / CHANNEL_FILE).is_file():
                 continue
-            channel = _parse_channel(folder, destinations, set(dest_section.data), registry, problems, merged_env)
+            channel = _parse_channel(
+                folder, destinations, set(dest_section.data), registry, problems, merged_env
+            )
             if channel is not None:
                 channels.append(channel)
     names = [c.name for c in channels]
     for channel in channels:
         if names.count(channel.name) > 1:
-            problems.add_text(channel.folder / CHANNEL_FILE, "name", f"channel name {channel.name!r} is used twice")
+            problems.add_text(
+                channel.folder / CHANNEL_FILE, "name", f"channel name {channel.name!r} is used twice"
+            )
 
     if problems:
         raise ConfigError(problems)
@@ -142,9 +144,7 @@ def load_project(
     )
 
 
-def _parse_typed(
-    kind: str, section: Section, registry: PluginRegistry
-) -> tuple[str | None, Any]:
+def _parse_typed(kind: str, section: Section, registry: PluginRegistry) -> tuple[str | None, Any]:
     """Read ``type`` and let the plugin that owns it parse the block named after it."""
     type_name = section.str("type")
     if type_name is None:
@@ -220,13 +220,17 @@ def _parse_channel(
     used: list[ChannelDestination] = []
     raw_list = top.raw("destinations")
     if not raw_list:
-        top.error(None, "missing required key 'destinations' (a list of destination names or inline destinations)")
+        top.error(
+            None, "missing required key 'destinations' (a list of destination names or inline destinations)"
+        )
     elif not isinstance(raw_list, list):
         top.error("destinations", "expected a list of destination names or inline destinations")
     else:
         for index, item in enumerate(raw_list):
             where = f"destinations[{index}]"
-            used_dest = _parse_channel_destination(item, where, top, folder, name, destinations, declared, registry)
+            used_dest = _parse_channel_destination(
+                item, where, top, folder, name, destinations, declared, registry
+            )
             if used_dest is not None:
                 used.append(used_dest)
     top.done()
@@ -257,7 +261,9 @@ def _parse_channel_destination(
 
     if isinstance(item, str):
         item = {"name": item}
-    section = Section(item, file=top.file, path=where, problems=top.problems, line=line_of(top.data, "destinations"))
+    section = Section(
+        item, file=top.file, path=where, problems=top.problems, line=line_of(top.data, "destinations")
+    )
     if not isinstance(item, Mapping):
         return None
     name = section.str("name")

@@ -45,7 +45,6 @@ from intu_core.queue import (
     EntryState,
     QueueStats,
     attempt_record,
-    is_destination_queue,
 )
 
 log = logging.getLogger("intu.queue")

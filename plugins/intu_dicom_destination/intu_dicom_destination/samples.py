@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 
@@ -80,7 +80,11 @@ def write_ct_series(folder: Path, count: int, *, size_kib: int = 512, **kwargs: 
     paths = []
     for number in range(1, count + 1):
         ds = ct_instance(
-            study_uid=study_uid, series_uid=series_uid, number=number, size_kib=size_kib, **kwargs  # type: ignore[arg-type]
+            study_uid=study_uid,
+            series_uid=series_uid,
+            number=number,
+            size_kib=size_kib,
+            **kwargs,  # type: ignore[arg-type]
         )
         path = folder / f"CT{number:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from intu_dicom_destination.testing import INTEROP_ENV, free_port, require_tool
 from intu_dicom_destination.body import body_from_file
 from intu_dicom_destination.receiver import SOURCE_TYPE, DicomSource
 from intu_dicom_destination.source_settings import SourceSettings, SourceTLSSettings, parse_source_settings
+from intu_dicom_destination.testing import INTEROP_ENV, free_port, require_tool
 from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomFileLike
@@ -351,7 +351,10 @@ def test_settings_full(tmp_path: Path, pki: dict[str, Path]) -> None:
         ({"port": 104, "ae_title": "A_VERY_LONG_AE_TITLE"}, "at most 16 characters, found 20"),
         ({"port": 104, "ae_title": "   "}, "(empty or only spaces)"),
         ({"port": 104, "ae_title": "BAD\\AE"}, "expected an AE title without a backslash"),
-        ({"port": 104, "calling_ae_titles": ["OK", "WAY_TOO_LONG_CALLING_AE"]}, "calling_ae_titles: expected an AE title of at most 16"),
+        (
+            {"port": 104, "calling_ae_titles": ["OK", "WAY_TOO_LONG_CALLING_AE"]},
+            "calling_ae_titles: expected an AE title of at most 16",
+        ),
         ({"port": 104, "max_associations": 0}, "max_associations: expected an integer from 1"),
         ({"port": 104, "ae_titel": "X"}, "unknown key 'ae_titel' (did you mean 'ae_title'?)"),
         ({"port": 104, "tls": {"enabled": True}}, "missing required key 'cert'"),

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from intu_dicom_destination.testing import UNCOMPRESSED_ONLY, free_port
 from intu_dicom_destination.sender import DicomSender
 from intu_dicom_destination.settings import DestinationSettings, TlsClientSettings
+from intu_dicom_destination.testing import UNCOMPRESSED_ONLY, free_port
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
