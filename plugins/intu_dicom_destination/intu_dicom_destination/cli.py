@@ -6,21 +6,20 @@ The click commands are thin: they load the project's destination settings and ca
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
 import click
-from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 
 from intu_core.message import SendStatus
+from intu_dicom_destination.parallel import can_fork, plan, send_all
 from intu_dicom_destination.sender import DicomSender
 from intu_dicom_destination.settings import DestinationSettings
 
@@ -66,7 +65,8 @@ def _walk(paths: Iterable[Path]) -> Iterator[Path]:
 def _meta(path: Path) -> tuple[str, str, str] | str:
     """(SOP class, SOP instance, transfer syntax) of a Part-10 file, or why it is not one."""
     try:
-        meta = dcmread(path, stop_before_pixels=True, specific_tags=[]).file_meta
+        # Only the file meta group (0002): not the rest of the header (2x faster per file).
+        meta = read_file_meta_info(path)
         return (
             str(meta.MediaStorageSOPClassUID),
             str(meta.MediaStorageSOPInstanceUID),
@@ -109,22 +109,18 @@ def run_send(
     show = progress and sys.stderr.isatty()
     counts: Counter[SendStatus] = Counter()
     problems: list[tuple[Path, SendStatus, str]] = []
-    sender = DicomSender(settings, logging.getLogger("intu.dicom.send"))
-    try:
-        with tqdm(total=len(files), unit="img", disable=not show, file=sys.stderr) as bar:
+    # Worker processes (one association each, up to the core count) when we can fork safely.
+    processes = len(plan(workers, len(files))) > 1 and can_fork()
+    tqdm.monitor_interval = 0  # no monitor thread: the workers are forked inside the with block
+    with tqdm(total=len(files), unit="img", disable=not show, file=sys.stderr) as bar:
 
-            def one(item: tuple[Path, tuple[str, str, str]]) -> None:
-                path, (sop_class, sop_instance, ts) = item
-                result = sender.send_file(path, sop_class, sop_instance, ts)
-                counts[result.status] += 1
-                if result.status is not SendStatus.SUCCESS:
-                    problems.append((path, result.status, result.detail))
-                bar.update(1)
+        def report(index: int, status: SendStatus, detail: str) -> None:
+            counts[status] += 1
+            if status is not SendStatus.SUCCESS:
+                problems.append((files[index][0], status, detail))
+            bar.update(1)
 
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                list(pool.map(one, files))
-    finally:
-        sender.close()
+        send_all(settings, files, report, processes=processes)
     failed = counts[SendStatus.RETRYABLE] + counts[SendStatus.PERMANENT]
     for path, status, detail in sorted(problems, key=lambda p: str(p[0])):
         label = "warning" if status is SendStatus.WARNING else f"FAILED ({status.value})"
@@ -170,7 +166,8 @@ def echo(ctx: click.Context, destination: str) -> None:
     "-j",
     type=click.IntRange(1, 64),
     default=None,
-    help="parallel associations (default: the destination's max_associations)",
+    help="parallel associations (default: the destination's max_associations); one worker "
+    "process per association up to the number of cores",
 )
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @click.pass_context

@@ -48,6 +48,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from intu_core.message import Acceptance, AcceptanceStatus, Message
 from intu_core.types import DeliverCallback, Runtime, SourceType
+from intu_dicom_destination import tuning
 from intu_dicom_destination.body import InvalidBody, body_from_file, inflate_part10
 from intu_dicom_destination.source_settings import SourceSettings, SourceTLSSettings, parse_source_settings
 
@@ -146,6 +147,7 @@ class DicomSource:
         # file instead of a BytesIO, so a 1 GiB instance never sits in memory. Every SCP in
         # this process wants that, so setting it globally is harmless.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        tuning.quiet_pynetdicom()  # pynetdicom logs 2 INFO lines per C-STORE; keep them for debug
         self._deliver = deliver
         self.received_dir.mkdir(parents=True, exist_ok=True)
         s = self.settings

@@ -5,7 +5,9 @@
 it back in; idle associations are released after ``idle_timeout_ms`` by a reaper thread that
 sleeps until the next expiry (pynetdicom's reactors poll every 1 ms per open association, so an
 idle pooled association is not free). An association that died while idle, or during a send, is
-replaced and the instance retried once on a fresh one before a result is reported.
+replaced and the instance retried once on a fresh one before a result is reported. While the
+pool owns an association its pynetdicom reactor thread is parked and its socket polled fast
+only while a send is in flight (``tuning.py``: ~1.5x throughput, and no lost C-STORE responses).
 
 Presentation contexts: for every (SOP class, transfer syntax) seen, we propose the instance's
 own transfer syntax and the uncompressed ones as separate contexts, so that the SCP can accept
@@ -32,13 +34,14 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification as VerificationSOPClass
 
 from intu_core.message import SendResult
-from intu_dicom_destination import statuses
+from intu_dicom_destination import statuses, tuning
 from intu_dicom_destination.settings import DestinationSettings
 from intu_dicom_destination.tls import describe_tls_error
 
@@ -131,6 +134,7 @@ class _Pooled:
     accepted: frozenset[Key]
     sends: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    deep_idle: bool = False  # its DUL polls slowly (tuning.DEEP_IDLE_AFTER)
 
 
 class _OpenFailed(Exception):
@@ -164,6 +168,7 @@ class DicomSender:
                 self._ssl = client_context(settings.tls)
             except TlsConfigError as exc:
                 self._ssl_error = str(exc)
+        tuning.quiet_pynetdicom()
         self.ae = AE(ae_title=settings.ae_title)
         timeout = settings.timeout_ms / 1000
         self.ae.acse_timeout = timeout
@@ -193,11 +198,11 @@ class DicomSender:
         path = Path(path)
         if not (sop_class_uid and sop_instance_uid and transfer_syntax_uid):
             try:
-                meta = dcmread(path, stop_before_pixels=True, specific_tags=[]).file_meta
+                meta = read_file_meta_info(path)
                 sop_class_uid = str(meta.MediaStorageSOPClassUID)
                 sop_instance_uid = str(meta.MediaStorageSOPInstanceUID)
                 transfer_syntax_uid = str(meta.TransferSyntaxUID)
-            except (OSError, InvalidDicomError, AttributeError, ValueError) as exc:
+            except (OSError, InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
                 return SendResult.permanent(f"{path}: not a DICOM Part-10 file with file meta ({exc})")
         if self._ssl_error:
             return SendResult.permanent(f"TLS settings of {self.settings.address}: {self._ssl_error}")
@@ -300,13 +305,14 @@ class DicomSender:
                         raise _OpenFailed(SendResult.retryable("destination is shutting down"))
                     now = time.monotonic()
                     for pooled in list(self._idle):
-                        if not pooled.assoc.is_established or self._expired(pooled, now):
+                        if not tuning.healthy(pooled.assoc) or self._expired(pooled, now):
                             self._idle.remove(pooled)
                             self._count -= 1
                             to_release.append(pooled)
                     for pooled in reversed(self._idle):  # most recently used first
                         if key in pooled.proposed:
                             self._idle.remove(pooled)
+                            tuning.busy(pooled.assoc)
                             return pooled
                     if self._count < self.settings.max_associations:
                         self._count += 1
@@ -334,6 +340,8 @@ class DicomSender:
 
     def _checkin(self, pooled: _Pooled) -> None:
         pooled.last_used = time.monotonic()
+        pooled.deep_idle = False
+        tuning.idle(pooled.assoc)
         release = False
         with self._cond:
             if self._closed or self.settings.idle_timeout_ms == 0 or not pooled.assoc.is_established:
@@ -350,10 +358,18 @@ class DicomSender:
         with self._cond:
             self._count -= 1
             self._cond.notify_all()
+        tuning.unpark(pooled.assoc)
         if pooled.assoc.is_established:
             pooled.assoc.abort()
 
     def _release(self, pooled: _Pooled) -> None:
+        assoc = pooled.assoc
+        was_healthy = tuning.healthy(assoc)
+        tuning.unpark(assoc)
+        if not was_healthy and assoc.is_alive():
+            # The (parked) reactor now handles what the peer sent while we were idle: it
+            # answers a release request or notices the abort, and ends.
+            assoc.join(1.0)
         if pooled.assoc.is_established:
             try:
                 pooled.assoc.release()
@@ -369,7 +385,8 @@ class DicomSender:
             self._reaper.start()
 
     def _reap(self) -> None:
-        # Sleeps until the oldest idle association expires (no polling while nothing is idle).
+        # Sleeps until the oldest idle association expires (no polling while nothing is idle),
+        # or until one has been idle long enough to poll its socket less often.
         while True:
             expired: list[_Pooled] = []
             with self._cond:
@@ -381,13 +398,21 @@ class DicomSender:
                 now = time.monotonic()
                 idle_s = self.settings.idle_timeout_ms / 1000
                 for pooled in list(self._idle):
-                    if now - pooled.last_used >= idle_s or not pooled.assoc.is_established:
+                    if now - pooled.last_used >= idle_s or not tuning.healthy(pooled.assoc):
                         self._idle.remove(pooled)
                         self._count -= 1
                         expired.append(pooled)
                 if not expired:
-                    next_expiry = min(p.last_used for p in self._idle) + idle_s
-                    self._cond.wait(timeout=max(0.01, next_expiry - now))
+                    wake = min(p.last_used for p in self._idle) + idle_s
+                    for pooled in self._idle:
+                        if pooled.deep_idle:
+                            continue
+                        if now - pooled.last_used >= tuning.DEEP_IDLE_AFTER:
+                            tuning.idle(pooled.assoc, deep=True)
+                            pooled.deep_idle = True
+                        else:
+                            wake = min(wake, pooled.last_used + tuning.DEEP_IDLE_AFTER)
+                    self._cond.wait(timeout=max(0.01, wake - now))
                     continue
                 self._cond.notify_all()
             for pooled in expired:
@@ -431,6 +456,9 @@ class DicomSender:
         if not assoc.is_established:
             raise _OpenFailed(self._open_failure(assoc))
         self.associations_opened += 1
+        # Park the reactor for as long as the pool owns the association; poll fast while busy.
+        tuning.park(assoc)
+        tuning.busy(assoc)
         accepted = frozenset(
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
         )
