@@ -26,6 +26,10 @@ class DicomDestination:
             prepared = prepare_for_send(message.body, self.work_dir)
         except InvalidBody as exc:
             return SendResult.permanent(f"not a DICOM instance this destination can send: {exc}")
+        except OSError as exc:  # e.g. a full disk while writing an edited copy: it may clear up
+            return SendResult.retryable(
+                f"cannot prepare the instance in {self.work_dir}: {exc.strerror or exc}"
+            )
         try:
             result = self.sender.send_file(
                 prepared.path,

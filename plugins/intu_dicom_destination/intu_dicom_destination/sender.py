@@ -459,6 +459,7 @@ class DicomSender:
         # Park the reactor for as long as the pool owns the association; poll fast while busy.
         tuning.park(assoc)
         tuning.busy(assoc)
+        tuning.bound_send_queue(assoc)
         accepted = frozenset(
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
         )

@@ -54,6 +54,24 @@ def test_send_bodies(scp_factory, ct_files, tmp_path):
         dest.close()
 
 
+def test_no_room_to_prepare_an_edited_instance_is_retryable(scp_factory, ct_files, tmp_path):
+    from intu_dicom_destination.body import body_from_file
+
+    scp = scp_factory()
+    (tmp_path / "data" / "dicom").mkdir(parents=True)
+    (tmp_path / "data" / "dicom" / "outgoing").write_text("a file where the work folder should be")
+    dest = DicomDestination(settings_for(scp), runtime(tmp_path))
+    try:
+        body = body_from_file(ct_files(1)[0])
+        body["dataset"]["00081090"] = {"vr": "LO", "Value": ["INTU_PROCESSED"]}
+        result = dest.send(Message(body=body))
+    finally:
+        dest.close()
+    assert result.status is SendStatus.RETRYABLE
+    assert "cannot prepare the instance in" in result.detail
+    assert scp.received == []
+
+
 def test_invalid_body_is_permanent(scp_factory, tmp_path):
     scp = scp_factory()
     dest = DicomDestination(settings_for(scp), runtime(tmp_path))
