@@ -176,11 +176,15 @@ class Engine:
             self._stopped.set()
         if self._started:
             self.registry.hook.intu_engine_stopping(engine=self)
-        for channel in self.channels:
-            try:
-                channel.source.stop()
-            except Exception:
-                log.exception("channel %s: source did not stop cleanly", channel.config.name)
+        # Sources stop in parallel with the delivery side: a source waits for its open
+        # associations, and one of them may be our own destination's pooled association (a
+        # channel feeding another channel), which only goes away when the destination closes.
+        stopping = [
+            threading.Thread(target=self._stop_source, args=(channel,), name=f"stop-{channel.config.name}")
+            for channel in self.channels
+        ]
+        for thread in stopping:
+            thread.start()
         for workers in self.workers.values():
             workers.stop(timeout)
         for name, destination in self.destinations.items():
@@ -188,11 +192,20 @@ class Engine:
                 destination.close()
             except Exception:
                 log.exception("destination %s did not close cleanly", name)
+        for thread in stopping:
+            thread.join()  # in-flight hand-overs still use the store
         if self.store is not None:
             self.store.close()
         if getattr(self, "_lock_file", None) is not None:
             self._lock_file.close()
         log.info("engine stopped")
+
+    @staticmethod
+    def _stop_source(channel: ChannelRuntime) -> None:
+        try:
+            channel.source.stop()
+        except Exception:
+            log.exception("channel %s: source did not stop cleanly", channel.config.name)
 
     def serve_forever(self) -> None:
         """Run until SIGINT or SIGTERM, then stop gracefully."""
