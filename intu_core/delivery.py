@@ -188,16 +188,20 @@ class DeliveryWorkers:
             self._generation += 1
             self._cond.notify()
 
+    def request_stop(self) -> None:
+        """Start no new send (returns at once; ``stop`` waits for the sends in flight)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._stop_event.set()
+
     def stop(self, timeout: float | None = None) -> bool:
         """Start no new send, wait up to ``timeout`` seconds for in-flight sends; True if all ended.
 
         An entry still in flight when the process exits is sent again after the restart
         (``QueueStore.recover``).
         """
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._stop_event.set()
+        self.request_stop()
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._workers:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -15,6 +15,7 @@ import shutil
 import signal
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 from intu_core.config.problems import ConfigError, Problem
 from intu_core.config.project import ChannelConfig, DestinationConfig, Project
 from intu_core.delivery import DeliveryWorkers, RetryPolicy
-from intu_core.message import Acceptance, AcceptanceStatus, Message, SendResult
+from intu_core.message import Acceptance, AcceptanceStatus, Message, SendResult, SendStatus
 from intu_core.pipeline import Pipeline
 from intu_core.plugins import PluginRegistry
 from intu_core.queue import channel_queue
@@ -94,20 +95,38 @@ class Engine:
         for channel in enabled:
             for used in channel.destinations:
                 self.destination_configs.setdefault(used.destination.name, used.destination)
+        problems: list[Problem] = []
         for name, config in self.destination_configs.items():
             registered, why = self.registry.lookup("destination", config.type)
             assert registered is not None, why  # load_project checked every type
             runtime = Runtime(
                 name, self.project.data_dir, logging.getLogger(f"intu.destination.{name}"), self.registry.hook
             )
-            self.destinations[name] = registered.create(config.settings, runtime)
+            try:
+                self.destinations[name] = registered.create(config.settings, runtime)
+            except Exception as exc:  # e.g. a certificate file that cannot be loaded
+                problems.append(
+                    Problem(config.file, f"destinations.{name}", f"cannot create the destination: {exc}")
+                )
         for channel in enabled:
             registered, why = self.registry.lookup("source", channel.source.type)
             assert registered is not None, why
             logger = logging.getLogger(f"intu.channel.{channel.name}")
             runtime = Runtime(channel.name, self.project.data_dir, logger, self.registry.hook)
-            source = registered.create(channel.source.settings, runtime)
+            try:
+                source = registered.create(channel.source.settings, runtime)
+            except Exception as exc:
+                problems.append(
+                    Problem(channel.folder / "channel.yaml", "source", f"cannot create the source: {exc}")
+                )
+                continue
             self.channels.append(ChannelRuntime(channel, pipelines[channel.name], source, logger))
+        if problems:
+            for destination in self.destinations.values():
+                destination.close()
+            self.store.close()
+            self._lock_file.close()
+            raise ConfigError(problems)
 
     def _lock_data_dir(self) -> None:
         # Two engines on one data folder would each recover (and re-send) the other's in-flight
@@ -132,6 +151,7 @@ class Engine:
         if not self.channels and not self.destinations:
             self.build()
         assert self.store is not None
+        self._sweep_spool()
         recovered = self.store.recover()
         if recovered:
             log.warning(
@@ -168,6 +188,17 @@ class Engine:
         self._started = True
         self.registry.hook.intu_engine_started(engine=self)
 
+    def _sweep_spool(self) -> None:
+        """Delete spooled files that no entry refers to: a crash between a source writing a file
+        and the engine queueing its message leaves one behind (see ``Runtime.spool_dir``)."""
+        assert self.store is not None
+        spool = self.project.data_dir / "spool"
+        if spool.is_dir():
+            files = [str(p) for p in spool.rglob("*") if p.is_file()]
+            swept = self.store.release_files(files)
+            if swept:
+                log.info("removed %d file(s) left in %s by an earlier crash", swept, spool)
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let in-flight associations and sends finish, then close everything."""
         with self._stop_lock:
@@ -186,7 +217,10 @@ class Engine:
         for thread in stopping:
             thread.start()
         for workers in self.workers.values():
-            workers.stop(timeout)
+            workers.request_stop()  # every queue at once, then one shared deadline
+        deadline = time.monotonic() + timeout
+        for workers in self.workers.values():
+            workers.stop(max(0.0, deadline - time.monotonic()))
         for name, destination in self.destinations.items():
             try:
                 destination.close()
@@ -294,26 +328,32 @@ class Engine:
         self, channel: ChannelRuntime, message: Message, outputs: list[tuple[str, Message]]
     ) -> Acceptance:
         assert self.store is not None
+        # A transformer may build a new Message instead of msg.replace(...): its body still refers
+        # to the received files, so every output keeps them.
+        outputs = [(d, _with_files(m, message.files)) for d, m in outputs]
         queued = [(d, m) for d, m in outputs if self.destination_configs[d].queue.enabled]
         direct = [(d, m) for d, m in outputs if not self.destination_configs[d].queue.enabled]
+        # Unqueued destinations first: when one fails the sender is told so and sends again, and
+        # nothing has been queued yet that would then go out twice.
+        for dest_name, out in direct:
+            result = self.destinations[dest_name].send(out)
+            if not result.delivered:
+                self._release({f for _, m in outputs for f in m.files})
+                channel.logger.error("message %s: %s failed: %s", message.id, dest_name, result.detail)
+                status = (
+                    AcceptanceStatus.BUSY
+                    if result.status is SendStatus.RETRYABLE
+                    else AcceptanceStatus.FAILED
+                )
+                return Acceptance(status, f"{dest_name}: {result.detail}")
         if queued:
             self.store.enqueue(queued)
             for dest_name, _ in queued:
                 self.workers[dest_name].notify()
-        failures = []
-        for dest_name, out in direct:
-            result = self.destinations[dest_name].send(out)
-            if not result.delivered:
-                failures.append((dest_name, result))
-        self._release({f for _, m in outputs for f in m.files} | set(message.files))
+        self._release({f for _, m in outputs for f in m.files})
         summary = ", ".join(
             f"{d} ({'queued' if self.destination_configs[d].queue.enabled else 'sent'})" for d, _ in outputs
         )
-        if failures:
-            dest_name, result = failures[0]
-            channel.logger.error("message %s: %s failed: %s", message.id, dest_name, result.detail)
-            status = AcceptanceStatus.BUSY if result.status.value == "retryable" else AcceptanceStatus.FAILED
-            return Acceptance(status, f"{dest_name}: {result.detail}")
         channel.logger.info("message %s accepted: %s", message.id, summary)
         return Acceptance(AcceptanceStatus.ACCEPTED)
 
@@ -351,3 +391,9 @@ class ChannelReplay:
 
     def close(self) -> None:
         pass
+
+
+def _with_files(message: Message, files: tuple[str, ...]) -> Message:
+    if set(files) <= set(message.files):
+        return message
+    return message.replace(files=tuple(dict.fromkeys((*message.files, *files))))

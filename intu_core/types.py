@@ -32,6 +32,14 @@ class Runtime:
     logger: logging.Logger
     hook: Any = None  # the plugin manager's hook relay, to call other plugins' hooks
 
+    @property
+    def spool_dir(self) -> Path:
+        """Where a source keeps the files its messages refer to (``Message.files``).
+
+        At start the engine deletes files here that no queue entry refers to (left by a crash
+        between writing a file and queueing its message), so keep nothing else in it."""
+        return self.data_dir / "spool" / self.name
+
 
 @runtime_checkable
 class Destination(Protocol):

@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 from project_files import fake_distribution, write
 
+from intu_core import hookimpl
 from intu_core.message import AcceptanceStatus, Message
 from intu_core.queue import EntryState
 from intu_core.testing import engine_deliver, manual_source, registry_with, running_engine
@@ -179,3 +181,62 @@ def test_a_retried_message_that_errors_again_is_kept_as_dead(tmp_path):
         assert wait_for(lambda: engine.store.list_entries(state=EntryState.DEAD))
         (dead,) = engine.store.list_entries(state=EntryState.DEAD)
     assert "KeyError: 'still'" in dead.last_error
+
+
+def test_a_transformer_that_builds_a_new_message_keeps_the_received_files(tmp_path):
+    queued_project(tmp_path, directory="blocked/out")
+    (tmp_path / "blocked").write_text("not a folder")  # keep it queued
+    write(
+        tmp_path / "channels" / "inbound" / "transformer.py",
+        "from intu_core import Message\n"
+        "def transform(msg, ctx):\n    return Message(body={'new': True}, channel=msg.channel)\n",
+    )
+    attachment = tmp_path / "attachment.bin"
+    attachment.write_bytes(b"pixels")
+    with running_engine(tmp_path, registry_with(manual_source)) as engine:
+        assert engine_deliver(engine, "inbound", Message(body={}, files=(str(attachment),))).ok
+        (entry,) = engine.store.list_entries(queue="archive")
+    assert attachment.exists() and entry.message.files == (str(attachment),)
+
+
+def test_files_left_in_the_spool_by_a_crash_are_swept_at_start(tmp_path):
+    queued_project(tmp_path, directory="blocked/out")
+    (tmp_path / "blocked").write_text("not a folder")
+    spool = tmp_path / "data" / "spool" / "inbound"
+    spool.mkdir(parents=True)
+    kept, orphan = spool / "kept.dcm", spool / "orphan.dcm"
+    with running_engine(tmp_path, registry_with(manual_source)) as engine:
+        kept.write_bytes(b"received while the engine ran, then queued")
+        assert engine_deliver(engine, "inbound", Message(body={}, files=(str(kept),))).ok
+    orphan.write_bytes(b"written, then the engine died before queueing it")
+    with running_engine(tmp_path, registry_with(manual_source)):
+        pass
+    assert kept.exists() and not orphan.exists()
+
+
+def test_a_destination_that_cannot_be_created_is_a_configuration_error(tmp_path):
+    import pytest
+
+    from intu_core.config.problems import ConfigError
+    from intu_core.types import DestinationType
+
+    def refuse(settings, runtime):
+        raise ValueError("cannot load /etc/pacs-ca.pem: no certificate in it")
+
+    broken = SimpleNamespace(
+        intu_destination_types=hookimpl(
+            lambda: [DestinationType("broken", lambda section: section.done(), refuse)]
+        ),
+        __name__="broken_plugin",
+    )
+    write(tmp_path / "intu.yaml", "destinations:\n  pacs:\n    type: broken\n    broken: {}\n")
+    write(
+        tmp_path / "channels" / "inbound" / "channel.yaml", "source: {type: manual}\ndestinations: [pacs]\n"
+    )
+    with pytest.raises(ConfigError, match="destinations.pacs: cannot create the destination: cannot load"):
+        with running_engine(tmp_path, registry_with(manual_source, broken)):
+            pass
+    # The data folder is not left locked.
+    with pytest.raises(ConfigError):
+        with running_engine(tmp_path, registry_with(manual_source, broken)):
+            pass

@@ -3,9 +3,13 @@ and the `intu dicom` commands, registered through the `intu` entry-point group."
 
 from __future__ import annotations
 
+import re
+
 from intu_core import hookimpl
 
 __version__ = "0.1.0"
+
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # PS3.5 9.1; at most 64 characters, checked below
 
 
 @hookimpl
@@ -40,7 +44,10 @@ def intu_write_message_file(message, directory):  # type: ignore[no-untyped-def]
     from intu_core.fsutil import fsync_dir
     from intu_dicom_destination.body import write_part10_from_body
 
-    path = write_part10_from_body(body, directory / f"{body['sop_instance_uid']}.dcm")
+    uid = str(body["sop_instance_uid"])
+    # The UID comes from the sender: only a well-formed one may name a file (no "../").
+    name = uid if len(uid) <= 64 and _UID.fullmatch(uid) else message.id
+    path = write_part10_from_body(body, directory / f"{name}.dcm")
     with open(path, "rb+") as fh:  # the archive must hold it before we report success
         os.fsync(fh.fileno())
     fsync_dir(path.parent)
