@@ -44,15 +44,13 @@ def load_project_from_context(ctx: click.Context) -> Project:
     try:
         return state.project()
     except ConfigError as err:
-        _print_problems(err)
+        print_problems(err)
         ctx.exit(2)
         raise  # unreachable; keeps type checkers content
 
 
-def _print_problems(err: ConfigError) -> None:
-    click.echo(f"{len(err.problems)} configuration error(s):", err=True)
-    for problem in err.problems:
-        click.echo(f"  {problem}", err=True)
+def print_problems(err: ConfigError) -> None:
+    click.echo(err.report(), err=True)
 
 
 def _dir_option(fn):  # type: ignore[no-untyped-def]
@@ -139,7 +137,7 @@ def validate(ctx: click.Context) -> None:
         project = state.project()
         Engine(project, registry).check_stages()
     except ConfigError as err:
-        _print_problems(err)
+        print_problems(err)
         ctx.exit(1)
     for problem in registry.errors:
         click.echo(f"warning: {problem}", err=True)
@@ -164,7 +162,7 @@ def serve(ctx: click.Context) -> None:
     try:
         engine.build()
     except ConfigError as err:
-        _print_problems(err)
+        print_problems(err)
         ctx.exit(2)
     try:
         engine.serve_forever()

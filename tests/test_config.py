@@ -163,3 +163,12 @@ def test_intu_validate_reports_a_broken_transformer(tmp_path, installed_manual_s
     result = CliRunner().invoke(cli, ["validate", "--dir", str(tmp_path)])
     assert result.exit_code == 1, result.output
     assert "cannot load a stage file: SyntaxError" in result.output
+
+
+def test_a_source_filter_given_twice_is_an_error(tmp_path):
+    channel = GOOD_CHANNEL.replace("type: manual", "type: manual\n      filter: a.py") + "    filter: b.py\n"
+    project(tmp_path, channel=channel)
+    write(tmp_path / "channels" / "inbound" / "a.py", "def filter(msg, ctx):\n    return True\n")
+    write(tmp_path / "channels" / "inbound" / "b.py", "def filter(msg, ctx):\n    return True\n")
+    (problem,) = problems_of(tmp_path)
+    assert "channel.yaml:10: filter: the source filter is given twice" in problem

@@ -168,3 +168,15 @@ def test_purge(data_dir: Path, filled: dict[str, str]) -> None:
     by_queue = {s["queue"]: s for s in json.loads(listing.output)}
     assert by_queue["pacs"]["in_flight"] == 1 and by_queue["pacs"]["pending"] == 0
     assert "channel:router" not in by_queue
+
+
+def test_retry_all_errored(data_dir: Path, filled: dict[str, str]) -> None:
+    # With a destination named, --all-errored retries only that queue's errored entries: the
+    # archive's dead letter stays dead.
+    assert "0 entries" in run(data_dir, "retry", "-d", "archive", "--all-errored").output
+    result = run(data_dir, "retry", "--all-errored")
+    assert result.exit_code == 0 and "1 entry put back" in result.output
+    store = SqliteQueueStore(data_dir)
+    assert store.get(filled["errored"]).state is EntryState.PENDING  # type: ignore[union-attr]
+    assert store.get(filled["dead"]).state is EntryState.DEAD  # type: ignore[union-attr]
+    store.close()

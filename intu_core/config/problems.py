@@ -49,3 +49,8 @@ class ConfigError(Exception):
     def __init__(self, problems: Problems | list[Problem]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+    def report(self) -> str:
+        """Every problem, one per line, under a count: what `intu validate` prints."""
+        lines = [f"{len(self.problems)} configuration error(s):"]
+        return "\n".join(lines + [f"  {p}" for p in self.problems])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from intu_core.config.problems import ConfigError, Problems
-from intu_core.config.section import Section
+from intu_core.config.section import Section, did_you_mean
 from intu_core.config.yamlfile import line_of, load_yaml, read_dotenv
 from intu_core.delivery import QueueSettings, RetryPolicy, parse_queue, parse_retry
 from intu_core.plugins import PluginRegistry
@@ -212,7 +212,9 @@ def _parse_channel(
 
     transformer = _stage_file(top, "transformer", folder, DEFAULT_TRANSFORMER)
     top.raw("filter")  # a channel-level filter is the source filter's other spelling
-    if top.has("filter"):
+    if top.has("filter") and source_section.has("filter"):
+        top.error("filter", "the source filter is given twice (here and as source.filter): keep one")
+    elif top.has("filter"):
         source_filter = _stage_file(top, "filter", folder, None)
     elif source_filter is None:
         source_filter = _stage_file(top, "filter", folder, DEFAULT_FILTER)
@@ -257,8 +259,6 @@ def _parse_channel_destination(
     declared: set[str],
     registry: PluginRegistry,
 ) -> ChannelDestination | None:
-    from intu_core.config.section import _did_you_mean
-
     if isinstance(item, str):
         item = {"name": item}
     section = Section(
@@ -282,7 +282,7 @@ def _parse_channel_destination(
         return None  # declared in intu.yaml but invalid: that error is reported there
     if name not in destinations:
         known = sorted(declared)
-        hint = _did_you_mean(name, known)
+        hint = did_you_mean(name, known)
         section.error(
             "name",
             f"unknown destination {name!r}: expected a name defined under 'destinations' in "

@@ -115,7 +115,7 @@ class Section:
         if choices is not None:
             options = list(choices)
             if value not in options:
-                hint = _did_you_mean(value, options)
+                hint = did_you_mean(value, options)
                 self.error(key, f"expected one of {', '.join(options)}, found {value!r}{hint}")
                 return default if default is not REQUIRED else None
         if max_length is not None and len(value) > max_length:
@@ -211,11 +211,11 @@ class Section:
         known = self._read | set(also_allowed)
         for key in self.data:
             if key not in known:
-                hint = _did_you_mean(str(key), sorted(known))
+                hint = did_you_mean(str(key), sorted(known))
                 self.error(key, f"unknown key '{key}'{hint}")
 
 
-def _did_you_mean(value: str, options: Iterable[str]) -> str:
+def did_you_mean(value: str, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(value, list(options), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 

@@ -46,11 +46,6 @@ def channel_queue(channel: str) -> str:
     return f"{CHANNEL_QUEUE_PREFIX}{channel}"
 
 
-def is_destination_queue(queue: str) -> bool:
-    """True for a destination's queue, False for a channel's error queue (see ``channel_queue``)."""
-    return not queue.startswith(CHANNEL_QUEUE_PREFIX)
-
-
 class EntryState(enum.Enum):
     """Where an entry is in its life. Delivered entries are deleted, so there is no "done" state."""
 
@@ -196,5 +191,4 @@ __all__ = [
     "QueueStore",
     "attempt_record",
     "channel_queue",
-    "is_destination_queue",
 ]

@@ -31,9 +31,7 @@ def _open_store(ctx: click.Context, must_exist: bool = True) -> Iterator[SqliteQ
     try:
         data_dir = ctx.obj.data_dir()
     except ConfigError as err:
-        click.echo(f"{len(err.problems)} configuration error(s):", err=True)
-        for problem in err.problems:
-            click.echo(f"  {problem}", err=True)
+        click.echo(err.report(), err=True)
         ctx.exit(2)
     if not (data_dir / DB_NAME).exists():
         if must_exist:
@@ -156,7 +154,7 @@ def retry_command(
             count = store.retry(queue_name, list(entry_ids), state=None)
         else:
             count = 0
-            if all_dead or queue_name is not None:
+            if all_dead or (queue_name is not None and not all_errored):
                 count += store.retry(queue_name, None, state=EntryState.DEAD)
             if all_errored:
                 count += store.retry(queue_name, None, state=EntryState.ERRORED)

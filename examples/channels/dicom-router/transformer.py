@@ -1,4 +1,7 @@
-"""The seed's destination transformer, in Python: log the study, then enrich two tags.
+"""The seed's transformer (its transformer.ts), in Python: log the study, then enrich two tags.
+
+It is the channel's transformer (picked up by convention as transformer.py), so it runs once per
+received instance, before the message is queued for hospital-pacs.
 
 ``msg.body["dataset"]`` is the DICOM JSON model (keys are tags as 8 hex digits); pixel data is a
 bulk-data reference and passes through untouched.
