@@ -164,7 +164,7 @@ def received_uids(scp: Scp) -> list[str]:
 
 
 def received_files(project: Path) -> list[Path]:
-    folder = project / "data" / "dicom" / "received"
+    folder = project / "data" / "spool" / "dicom-router"
     return sorted(folder.glob("*.dcm")) if folder.exists() else []
 
 

@@ -22,6 +22,7 @@ import os
 import shutil
 import struct
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -43,6 +44,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
 )
 
+from intu_core.fsutil import fsync_dir
+
 __all__ = [
     "BULK_THRESHOLD",
     "InvalidBody",
@@ -58,6 +61,10 @@ __all__ = [
 BULK_THRESHOLD = 1024
 
 PIXEL_DATA = 0x7FE00010
+# Elements whose dictionary VR is "US or OW" / "US or SS or OW" and that hold LUT samples (pixel-like
+# data): in implicit VR they are read as OW. Other ambiguous numeric VRs ("US or SS") are small
+# single values (pixel padding, descriptors) and are never treated as bulk binary.
+_PIXEL_LIKE_AMBIGUOUS = frozenset({0x00281200, 0x00283006})  # Gray LUT Data, LUT Data
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 # Explicit VR encodings where the length field is 4 bytes after 2 reserved bytes (PS3.5 7.1.2).
 _LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
@@ -164,14 +171,25 @@ def _encapsulated_length(fp: BinaryIO, start: int, little_endian: bool, size: in
 
 
 def _bulk_vr(raw: RawDataElement) -> str:
+    """The VR to decide bulkness by (and to report for a bulk value) of a raw element.
+
+    Implicit VR files do not say; the data dictionary does, sometimes ambiguously. "OB or OW"
+    (pixel data, overlay, waveform, ...) is OW in implicit VR (PS3.5 A.1), and so is LUT data
+    ("US or OW", "US or SS or OW"). Numeric ambiguities ("US or SS") stay as they are: not a
+    binary VR, so never bulk; pydicom resolves them from Pixel Representation.
+    """
     if raw.VR:
         return str(raw.VR)
     try:
         vr = dictionary_VR(raw.tag)
     except KeyError:
         return "UN"
-    # Implicit VR files do not say; native pixel data in implicit VR is OW (PS3.5 A.1).
-    return "OW" if " or " in vr else vr
+    if " or " not in vr:
+        return vr
+    choices = vr.split(" or ")
+    if "OW" in choices and ("OB" in choices or int(raw.tag) in _PIXEL_LIKE_AMBIGUOUS):
+        return "OW"
+    return vr
 
 
 def body_from_file(path: Path) -> dict[str, Any]:
@@ -310,10 +328,37 @@ def write_part10_from_body(body: Any, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     prepared = prepare_for_send(body, dest.parent)
     if prepared.temporary:
-        os.replace(prepared.path, dest)
+        # A new file in dest's folder: make its bytes durable, then rename it into place.
+        try:
+            _fsync_file(prepared.path)
+            os.replace(prepared.path, dest)
+        except BaseException:
+            prepared.cleanup()
+            raise
+        fsync_dir(dest.parent)
     elif prepared.path.resolve() != dest.resolve():
-        shutil.copyfile(prepared.path, dest)
+        # Copy to a temporary file next to dest and rename it: a crash or a full disk never
+        # leaves a truncated dest behind (dest is either absent, its old self, or complete).
+        tmp = _temp_path(dest.parent)
+        try:
+            with open(prepared.path, "rb") as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(dest.parent)
     return dest
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _temp_path(work_dir: Path) -> Path:
@@ -325,10 +370,10 @@ def _prepare_bytes(data: bytes, work_dir: Path) -> PreparedInstance:
     if len(data) < 132 or data[128:132] != b"DICM":
         raise InvalidBody("the body's bytes are not a DICOM Part-10 file (no 'DICM' prefix at offset 128)")
     path = _temp_path(work_dir)
-    path.write_bytes(data)
     try:
+        path.write_bytes(data)
         return _prepare_path(path, temporary=True)
-    except InvalidBody:
+    except BaseException:  # InvalidBody, or a write that failed half-way (disk full)
         path.unlink(missing_ok=True)
         raise
 
@@ -528,32 +573,42 @@ def inflate_part10(src: BinaryIO, dest: BinaryIO) -> None:
     """Copy a Deflated Explicit VR Little Endian Part-10 stream to ``dest`` as Explicit VR LE.
 
     ``src`` is positioned at the start of the file. Bulk-data references cannot point into a
-    deflated stream, so received deflated instances are stored inflated (chunk by chunk).
-    """
-    import zlib
+    deflated stream, so received deflated instances are stored inflated (chunk by chunk: memory
+    stays bounded however much the stream expands, so a "deflate bomb" only costs disk).
 
+    Raises ``InvalidBody`` when the file meta is missing or unusable or the deflate stream is
+    corrupt; ``OSError`` when reading or writing fails.
+    """
     preamble = src.read(132)
     if preamble[128:132] != b"DICM":
         raise InvalidBody("not a DICOM Part-10 stream (no 'DICM' prefix at offset 128)")
     src.seek(0)
-    meta = read_file_meta_info_from(src)
-    start = src.tell()
+    try:
+        meta = read_file_meta_info_from(src)
+        start = src.tell()
+        sop_class = str(meta.MediaStorageSOPClassUID)
+        sop_instance = str(meta.MediaStorageSOPInstanceUID)
+    except OSError:
+        raise
+    except Exception as exc:  # pydicom raises many kinds of errors for a bad file meta group
+        raise InvalidBody(f"the file meta group cannot be read: {type(exc).__name__}: {exc}") from None
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     dest.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(
         DicomFileLike(dest),
-        _file_meta(
-            str(meta.MediaStorageSOPClassUID),
-            str(meta.MediaStorageSOPInstanceUID),
-            ExplicitVRLittleEndian,
-            meta,
-        ),
+        _file_meta(sop_class, sop_instance, ExplicitVRLittleEndian, meta),
     )
     src.seek(start)
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    while chunk := src.read(_CHUNK):
-        dest.write(inflater.decompress(chunk))
-    dest.write(inflater.flush())
+    try:
+        while chunk := src.read(_CHUNK):
+            # max_length bounds each output piece; what did not fit waits in unconsumed_tail.
+            while chunk:
+                dest.write(inflater.decompress(chunk, _CHUNK))
+                chunk = inflater.unconsumed_tail
+        dest.write(inflater.flush())
+    except zlib.error as exc:
+        raise InvalidBody(f"the deflated dataset is corrupt: {exc}") from None
 
 
 def read_file_meta_info_from(fp: BinaryIO) -> FileMetaDataset:

@@ -22,6 +22,7 @@ from intu_core.message import SendStatus
 from intu_dicom_destination.parallel import can_fork, plan, send_all
 from intu_dicom_destination.sender import DicomSender
 from intu_dicom_destination.settings import DestinationSettings
+from intu_dicom_destination.tls import TlsConfigError, client_context
 
 
 def run_echo(settings: DestinationSettings, out: TextIO) -> int:
@@ -139,9 +140,17 @@ def _settings(ctx: click.Context, name: str) -> DestinationSettings:
     from intu_core.cli import load_project_from_context
 
     project = load_project_from_context(ctx)
-    type_name, settings = project.destination_settings(name)
+    try:
+        type_name, settings = project.destination_settings(name)
+    except KeyError as exc:
+        raise click.UsageError(str(exc.args[0])) from None
     if type_name != "dicom":
         raise click.UsageError(f"destination {name!r} is of type {type_name!r}, not dicom")
+    if settings.tls.enabled:
+        try:  # fail here, once, rather than in every worker
+            client_context(settings.tls)
+        except TlsConfigError as exc:
+            raise click.ClickException(f"destination {name!r}: {exc}") from None
     return settings
 
 

@@ -7,6 +7,7 @@ from intu_core.types import DestinationType, Runtime
 from intu_dicom_destination.body import InvalidBody, prepare_for_send
 from intu_dicom_destination.sender import DicomSender
 from intu_dicom_destination.settings import DestinationSettings, parse_destination_settings
+from intu_dicom_destination.tls import TlsConfigError
 
 
 class DicomDestination:
@@ -19,7 +20,36 @@ class DicomDestination:
         self.settings = settings
         self.runtime = runtime
         self.work_dir = runtime.data_dir / "dicom" / "outgoing"
-        self.sender = DicomSender(settings, runtime.logger, work_dir=self.work_dir)
+        try:
+            self.sender = DicomSender(settings, runtime.logger, work_dir=self.work_dir)
+        except TlsConfigError as exc:
+            # A certificate or key that cannot be used: refuse to start rather than dead-letter
+            # every message (the engine reports this as a configuration error).
+            raise TlsConfigError(f"destination {runtime.name!r}: {exc}") from None
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Delete the temporary files a crash left in the work folder.
+
+        Only temporary files live there (edited copies, decompressed copies), each deleted once
+        its send is over; the engine creates its destinations before any of them sends."""
+        try:
+            entries = list(self.work_dir.iterdir()) if self.work_dir.is_dir() else []
+        except OSError as exc:
+            self.runtime.logger.warning("cannot list %s: %s", self.work_dir, exc.strerror or exc)
+            return
+        removed = 0
+        for entry in entries:
+            try:
+                if entry.is_symlink() or entry.is_file():
+                    entry.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass  # another destination's clean-up was first: they share the folder
+            except OSError as exc:
+                self.runtime.logger.warning("cannot delete leftover %s: %s", entry, exc.strerror or exc)
+        if removed:
+            self.runtime.logger.info("deleted %d leftover temporary file(s) in %s", removed, self.work_dir)
 
     def send(self, message: Message) -> SendResult:
         try:

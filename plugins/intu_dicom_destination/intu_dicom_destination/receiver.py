@@ -1,9 +1,12 @@
 """The `dicom` source: a C-STORE SCP that stores each instance durably before answering.
 
 Each received instance is streamed by pynetdicom to a temporary Part-10 file, moved (or copied,
-chunk by chunk) into ``<data_dir>/dicom/received``, fsynced with its directory, turned into a
-message body (``body.body_from_file``: JSON model + bulk-data references, no pixel decoding) and
-handed to the engine. The C-STORE status tells the sender what the engine did:
+chunk by chunk) into the channel's spool folder (``Runtime.spool_dir``:
+``<data_dir>/spool/<channel>``), fsynced with its directory, turned into a message body
+(``body.body_from_file``: JSON model + bulk-data references, no pixel decoding) and handed to the
+engine. The engine owns the file from then on (``Message.files``); at start it deletes files in
+the spool folder that no queued message refers to. The C-STORE status tells the sender what the
+engine did:
 
 =====================================  ==========================================
 engine / receiver outcome              C-STORE status
@@ -11,7 +14,8 @@ engine / receiver outcome              C-STORE status
 accepted (queued) or filtered          0x0000 success
 busy (queue over its limit), disk full 0xA700 out of resources
 failed (transformer raised, ...)       0x0110 processing failure + ErrorComment
-dataset cannot be parsed               0xC000 cannot understand + ErrorComment
+unparseable dataset, corrupt deflate   0xC000 cannot understand + ErrorComment
+unexpected error while storing         0x0110 processing failure + ErrorComment
 =====================================  ==========================================
 """
 
@@ -20,10 +24,10 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import ssl
 import threading
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +50,13 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from intu_core.fsutil import fsync_dir
 from intu_core.message import Acceptance, AcceptanceStatus, Message
 from intu_core.types import DeliverCallback, Runtime, SourceType
 from intu_dicom_destination import tuning
 from intu_dicom_destination.body import InvalidBody, body_from_file, inflate_part10
-from intu_dicom_destination.source_settings import SourceSettings, SourceTLSSettings, parse_source_settings
+from intu_dicom_destination.source_settings import SourceSettings, parse_source_settings
+from intu_dicom_destination.tls import server_context
 
 #: Transfer syntaxes the source accepts for every storage SOP class, in order of preference.
 TRANSFER_SYNTAXES = [
@@ -87,38 +93,6 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _server_ssl_context(tls: SourceTLSSettings) -> ssl.SSLContext:
-    """A server-side context: TLS 1.2 or later, our certificate, client certificates if asked."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
-    if tls.ca_cert is not None:
-        context.load_verify_locations(cafile=str(tls.ca_cert))
-    if tls.require_client_cert:
-        context.verify_mode = ssl.CERT_REQUIRED
-    elif tls.ca_cert is not None:
-        context.verify_mode = ssl.CERT_OPTIONAL
-    return context
-
-
-def _ssl_context(tls: SourceTLSSettings) -> ssl.SSLContext:
-    # Prefer the plugin's shared helper (tls.py) so both sides configure TLS alike.
-    try:
-        from intu_dicom_destination.tls import server_context
-    except ImportError:
-        return _server_ssl_context(tls)
-    assert tls.cert is not None and tls.key is not None
-    return server_context(tls.cert, tls.key, tls.ca_cert, tls.require_client_cert)
-
-
 class DicomSource:
     """A C-STORE SCP listening on ``settings.host:settings.port`` (the `dicom` source type)."""
 
@@ -126,7 +100,8 @@ class DicomSource:
         self.settings = settings
         self.runtime = runtime
         self.logger = runtime.logger
-        self.received_dir = runtime.data_dir / "dicom" / "received"
+        # The engine's spool folder for this channel: it deletes unreferenced files there at start.
+        self.received_dir = runtime.spool_dir
         self._deliver: DeliverCallback | None = None
         self._server: Any = None
         self._lock = threading.Lock()
@@ -162,7 +137,8 @@ class DicomSource:
         ssl_context = None
         if s.tls.enabled:
             try:
-                ssl_context = _ssl_context(s.tls)
+                assert s.tls.cert is not None and s.tls.key is not None  # the settings parser checks
+                ssl_context = server_context(s.tls.cert, s.tls.key, s.tls.ca_cert, s.tls.require_client_cert)
             except Exception as exc:  # ssl.SSLError, OSError, tls.TlsConfigError
                 raise RuntimeError(f"DICOM source {self.runtime.name}: cannot set up TLS: {exc}") from exc
         handlers = [
@@ -193,8 +169,10 @@ class DicomSource:
         server, self._server = self._server, None
         if server is None:
             return
-        associations = list(server.active_associations)
         server.shutdown()  # closes the listening socket; does not wait for associations
+        # Listed only now: an association accepted while shutdown() ran is waited for (or aborted)
+        # too. shutdown() joins the request threads, so every accepted connection has its thread.
+        associations = list(server.active_associations)
         # A connection that never sent an A-ASSOCIATE-RQ (a port probe, a load balancer's health
         # check) has nothing in flight: close it now instead of waiting for its ARTIM timeout.
         # pynetdicom's acceptor blocks on its DUL queue for up to acse_timeout (30 s) waiting for
@@ -279,12 +257,19 @@ class DicomSource:
                 name, sop_instance, who, exc,
             )  # fmt: skip
             return _status(STATUS_PROCESSING_FAILURE, f"cannot store instance: {exc.strerror}")
-        except InvalidBody as exc:
+        except (InvalidBody, zlib.error) as exc:  # corrupt deflate stream, unreadable file meta
             path.unlink(missing_ok=True)
             self.logger.error(
                 "DICOM source %s: cannot parse %s from %s: %s: answered 0xC000", name, sop_instance, who, exc
             )
             return _status(STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed")
+        except Exception as exc:  # anything else: never let pynetdicom answer 0xC211 for us
+            path.unlink(missing_ok=True)
+            self.logger.error(
+                "DICOM source %s: cannot store %s from %s (unexpected %s: %s): answered 0x0110",
+                name, sop_instance, who, type(exc).__name__, exc,
+            )  # fmt: skip
+            return _status(STATUS_PROCESSING_FAILURE, f"cannot store instance: {type(exc).__name__}")
 
         try:
             body = body_from_file(path)
@@ -365,7 +350,7 @@ class DicomSource:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 SOURCE_TYPE = SourceType(

@@ -142,8 +142,8 @@ class _OpenFailed(Exception):
         self.result = result
 
 
-def _is_compressed(ts: str) -> bool:
-    return ts not in UNCOMPRESSED and ts != "1.2.840.10008.1.2.2"  # big endian counts as plain
+class _WriteFailed(Exception):
+    """The decompressed copy could not be written to the work folder (e.g. a full disk)."""
 
 
 class DicomSender:
@@ -160,14 +160,15 @@ class DicomSender:
         self.logger = logger or logging.getLogger("intu.dicom.sender")
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.gettempdir())
         self._ssl: ssl.SSLContext | None = None
-        self._ssl_error: str | None = None
         if settings.tls.enabled:
             from intu_dicom_destination.tls import TlsConfigError, client_context
 
             try:
                 self._ssl = client_context(settings.tls)
             except TlsConfigError as exc:
-                self._ssl_error = str(exc)
+                # Refuse to exist rather than dead-letter every message: a file that cannot be
+                # used now will not become usable by retrying (``intu serve`` refuses to start).
+                raise TlsConfigError(f"TLS settings of {settings.address}: {exc}") from None
         tuning.quiet_pynetdicom()
         self.ae = AE(ae_title=settings.ae_title)
         timeout = settings.timeout_ms / 1000
@@ -204,8 +205,6 @@ class DicomSender:
                 transfer_syntax_uid = str(meta.TransferSyntaxUID)
             except (OSError, InvalidDicomError, AttributeError, ValueError, EOFError) as exc:
                 return SendResult.permanent(f"{path}: not a DICOM Part-10 file with file meta ({exc})")
-        if self._ssl_error:
-            return SendResult.permanent(f"TLS settings of {self.settings.address}: {self._ssl_error}")
         key: Key = (str(sop_class_uid), str(transfer_syntax_uid))
         data: dict[str, Any] = {"sop_instance_uid": sop_instance_uid, "sop_class_uid": sop_class_uid}
         for attempt in (1, 2):
@@ -213,7 +212,17 @@ class DicomSender:
                 pooled = self._checkout(key)
             except _OpenFailed as failed:
                 return failed.result
-            result, keep = self._store(pooled, path, key, data)
+            except Exception as exc:  # noqa: BLE001 - a bug must cost one attempt, not the queue
+                return self._unexpected(exc, "opening an association for", sop_instance_uid, data)
+            try:
+                result, keep = self._store(pooled, path, key, data)
+            except BaseException as exc:
+                # Whatever went wrong, the pool slot must be given back: a slot lost per such
+                # error and, after max_associations of them, every send waits for ever.
+                self._discard(pooled)
+                if not isinstance(exc, Exception):
+                    raise  # KeyboardInterrupt, SystemExit...
+                return self._unexpected(exc, "sending", sop_instance_uid, data)
             if keep:
                 self._checkin(pooled)
             else:
@@ -233,10 +242,20 @@ class DicomSender:
             data=data,
         )
 
+    def _unexpected(
+        self, exc: Exception, doing: str, sop_instance_uid: str | None, data: dict[str, Any]
+    ) -> SendResult:
+        self.logger.error(
+            "unexpected error while %s %s to %s", doing, sop_instance_uid, self.settings.address, exc_info=exc
+        )
+        return SendResult.retryable(
+            f"unexpected error while {doing} {sop_instance_uid} to {self.settings.address}: "
+            f"{type(exc).__name__}: {exc}",
+            data=data,
+        )
+
     def echo(self) -> EchoResult:
         """C-ECHO on a separate association: round trip and what the peer negotiated."""
-        if self._ssl_error:
-            return EchoResult(False, f"TLS settings: {self._ssl_error}", our_ae_title=self.settings.ae_title)
         t0 = time.perf_counter()
         assoc = self._associate([build_context(VerificationSOPClass)])
         t1 = time.perf_counter()
@@ -294,6 +313,9 @@ class DicomSender:
     # -- the pool --------------------------------------------------------------------------
     def _checkout(self, key: Key) -> _Pooled:
         to_release: list[_Pooled] = []
+        # Wait at most timeout_ms for a free slot: all associations busy for that long (e.g.
+        # more queue workers than max_associations, sending large instances) means "later".
+        deadline = time.monotonic() + self.settings.timeout_ms / 1000
         try:
             with self._cond:
                 self._known[key] = None
@@ -322,7 +344,16 @@ class DicomSender:
                         # replace the least recently used one by one that proposes it.
                         to_release.append(self._idle.pop(0))
                         break  # count stays: the new one takes the old one's place
-                    self._cond.wait()
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise _OpenFailed(
+                            SendResult.retryable(
+                                f"no association to {self.settings.address} available within "
+                                f"{self.settings.timeout_ms} ms (all {self.settings.max_associations} "
+                                "busy); will retry later"
+                            )
+                        )
+                    self._cond.wait(timeout=remaining)
                 proposals = list(self._known)
         finally:
             for pooled in to_release:
@@ -358,24 +389,36 @@ class DicomSender:
         with self._cond:
             self._count -= 1
             self._cond.notify_all()
-        tuning.unpark(pooled.assoc)
-        if pooled.assoc.is_established:
-            pooled.assoc.abort()
+        try:
+            tuning.unpark(pooled.assoc)
+            if pooled.assoc.is_established:
+                pooled.assoc.abort()
+        except Exception:  # noqa: BLE001 - the slot is free already; the caller has its result
+            self.logger.warning(
+                "cannot abort association #%d to %s", pooled.number, self.settings.address, exc_info=True
+            )
 
     def _release(self, pooled: _Pooled) -> None:
+        """Release an association that is no longer counted in the pool; never raises (it is
+        called with other associations' slots at stake)."""
         assoc = pooled.assoc
-        was_healthy = tuning.healthy(assoc)
-        tuning.unpark(assoc)
-        if not was_healthy and assoc.is_alive():
-            # The (parked) reactor now handles what the peer sent while we were idle: it
-            # answers a release request or notices the abort, and ends.
-            assoc.join(1.0)
-        if pooled.assoc.is_established:
-            try:
-                pooled.assoc.release()
-            except Exception:  # noqa: BLE001 - a dying peer must not break the caller
-                pooled.assoc.abort()
-            self.logger.debug("released association #%d to %s", pooled.number, self.settings.address)
+        try:
+            was_healthy = tuning.healthy(assoc)
+            tuning.unpark(assoc)
+            if not was_healthy and assoc.is_alive():
+                # The (parked) reactor now handles what the peer sent while we were idle: it
+                # answers a release request or notices the abort, and ends.
+                assoc.join(1.0)
+            if assoc.is_established:
+                try:
+                    assoc.release()
+                except Exception:  # noqa: BLE001 - a dying peer must not break the caller
+                    assoc.abort()
+                self.logger.debug("released association #%d to %s", pooled.number, self.settings.address)
+        except Exception:  # noqa: BLE001
+            self.logger.warning(
+                "cannot release association #%d to %s", pooled.number, self.settings.address, exc_info=True
+            )
 
     def _ensure_reaper(self) -> None:
         if self._reaper is None or not self._reaper.is_alive():
@@ -424,7 +467,7 @@ class DicomSender:
         proposed: set[Key] = set()
         for sop, ts in [first, *[k for k in known if k != first]]:
             options: list[tuple[str, ...]] = [(ts,)]
-            if _is_compressed(ts) or ts not in UNCOMPRESSED:
+            if ts not in UNCOMPRESSED:
                 options.append(UNCOMPRESSED)
             else:
                 options.append(tuple(u for u in UNCOMPRESSED if u != ts))
@@ -456,10 +499,15 @@ class DicomSender:
         if not assoc.is_established:
             raise _OpenFailed(self._open_failure(assoc))
         self.associations_opened += 1
-        # Park the reactor for as long as the pool owns the association; poll fast while busy.
-        tuning.park(assoc)
-        tuning.busy(assoc)
-        tuning.bound_send_queue(assoc)
+        try:
+            # Park the reactor for as long as the pool owns the association; poll fast while busy.
+            tuning.park(assoc)
+            tuning.busy(assoc)
+            tuning.bound_send_queue(assoc)
+        except BaseException:
+            tuning.unpark(assoc)
+            assoc.abort()
+            raise
         accepted = frozenset(
             (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
         )
@@ -493,9 +541,7 @@ class DicomSender:
             )
             if transient:
                 return SendResult.retryable(detail, data={"association": "rejected-transient"})
-            hint = (
-                " - check that the PACS knows our AE title and the called AE title" if not transient else ""
-            )
+            hint = " - check that the PACS knows our AE title and the called AE title"
             return SendResult.permanent(detail + hint, data={"association": "rejected"})
         if isinstance(error, (ssl.SSLError, ssl.CertificateError)):
             retryable, text = describe_tls_error(error, self.settings.address)
@@ -552,6 +598,11 @@ class DicomSender:
         if target != ts:
             try:
                 temp = self._transcode(path, target)
+            except _WriteFailed as exc:  # e.g. a full disk: it may clear up
+                return SendResult.retryable(
+                    f"cannot write the decompressed copy of {path} in {self.work_dir}: {exc}",
+                    data=data,
+                ), True
             except Exception as exc:  # noqa: BLE001 - decoders raise many kinds of errors
                 return SendResult.permanent(
                     f"{self.settings.called_ae_title} accepts SOP class {UID(sop).name} only as "
@@ -603,8 +654,20 @@ class DicomSender:
             ds.decompress()
         implicit = target == ImplicitVRLittleEndian
         ds.file_meta.TransferSyntaxUID = UID(target)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(suffix=".dcm", prefix="transcode-", dir=self.work_dir)
-        os.close(fd)
-        ds.save_as(name, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+        try:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(suffix=".dcm", prefix="transcode-", dir=self.work_dir)
+        except OSError as exc:
+            raise _WriteFailed(exc.strerror or str(exc)) from exc
+        try:
+            os.close(fd)
+            ds.save_as(name, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+        except BaseException as exc:
+            try:
+                os.unlink(name)
+            except OSError:
+                pass
+            if isinstance(exc, OSError):
+                raise _WriteFailed(exc.strerror or str(exc)) from exc
+            raise
         return Path(name)

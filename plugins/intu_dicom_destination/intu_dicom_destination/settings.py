@@ -56,21 +56,23 @@ class DestinationSettings:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def _cert_file(section: Section, key: str) -> Path | None:
+def _cert_file(section: Section, key: str, enabled: bool) -> Path | None:
+    """The path at ``key``; checked to be an existing file only when TLS is ``enabled`` (a
+    disabled block may keep paths for later, as the source's ``tls`` block may)."""
     if not section.has(key):
         section.raw(key)  # mark as read
         return None
-    path = section.path(key, None, must_exist=True)
-    if path is not None and path.exists() and not path.is_file():
+    path = section.path(key, None, must_exist=enabled)
+    if enabled and path is not None and path.exists() and not path.is_file():
         section.error(key, f"expected a file, found a directory ({path})")
     return path
 
 
 def parse_tls(section: Section) -> TlsClientSettings:
-    enabled = section.bool("enabled", False)
-    ca_cert = _cert_file(section, "ca_cert")
-    client_cert = _cert_file(section, "client_cert")
-    client_key = _cert_file(section, "client_key")
+    enabled = bool(section.bool("enabled", False))
+    ca_cert = _cert_file(section, "ca_cert", enabled)
+    client_cert = _cert_file(section, "client_cert", enabled)
+    client_key = _cert_file(section, "client_key", enabled)
     if section.has("client_cert") and not section.has("client_key"):
         section.error(
             "client_cert",
@@ -89,7 +91,7 @@ def parse_tls(section: Section) -> TlsClientSettings:
             "certificate, used to verify it), found none",
         )
     section.done()
-    return TlsClientSettings(bool(enabled), ca_cert, client_cert, client_key)
+    return TlsClientSettings(enabled, ca_cert, client_cert, client_key)
 
 
 def parse_destination_settings(section: Section) -> DestinationSettings:

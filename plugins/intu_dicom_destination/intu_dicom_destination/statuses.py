@@ -11,20 +11,7 @@ from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 from intu_core.message import SendResult
 
 SUCCESS = 0x0000
-COERCION_OF_DATA_ELEMENTS = 0xB000
-ELEMENTS_DISCARDED = 0xB006
-DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
 DUPLICATE_SOP_INSTANCE = 0x0111
-PROCESSING_FAILURE = 0x0110
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-NOT_AUTHORISED = 0x0124
-OUT_OF_RESOURCES = 0xA700  # 0xA700-0xA7FF
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # 0xA900-0xA9FF
-CANNOT_UNDERSTAND = 0xC000  # 0xC000-0xCFFF
-
-WARNINGS = frozenset(
-    {COERCION_OF_DATA_ELEMENTS, ELEMENTS_DISCARDED, DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING}
-)
 
 
 def meaning(code: int) -> str:
@@ -51,9 +38,9 @@ def is_retryable_failure(code: int) -> bool:
 def result_for_status(code: int, comment: str = "", *, duplicate_is_success: bool = True) -> SendResult:
     """What a C-STORE response status means for the message.
 
-    0x0000 → success; 0xB000/0xB006/0xB007 → warning (delivered); 0x0111 duplicate → success
-    (or permanent when ``duplicate_is_success`` is false); 0xA7xx → retryable; every other
-    failure → permanent, with the code and its meaning in the detail.
+    0x0000 → success; 0xBxxx (0xB000, 0xB006, 0xB007...) → warning (delivered); 0x0111
+    duplicate → success (or permanent when ``duplicate_is_success`` is false); 0xA7xx → retryable;
+    every other failure → permanent, with the code and its meaning in the detail.
     """
     text = describe(code, comment)
     data = {"status": code, "status_meaning": meaning(code)}
@@ -61,7 +48,7 @@ def result_for_status(code: int, comment: str = "", *, duplicate_is_success: boo
         data["error_comment"] = comment
     if code == SUCCESS:
         return SendResult.success("stored", code=code, data=data)
-    if code in WARNINGS or 0xB000 <= code <= 0xBFFF:
+    if 0xB000 <= code <= 0xBFFF:  # warnings (PS3.4 B.2.3: 0xB000, 0xB006, 0xB007; PS3.7 C: Bxxx)
         return SendResult.warning(f"stored with warning {text}", code=code, data=data)
     if code == DUPLICATE_SOP_INSTANCE:
         if duplicate_is_success:

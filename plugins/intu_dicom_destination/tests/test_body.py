@@ -3,26 +3,37 @@
 from __future__ import annotations
 
 import copy
+import errno
+import io
 import json
+import resource
 import tracemalloc
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from intu_dicom_destination.body import (
     InvalidBody,
+    _bulk_vr,
     body_from_file,
     dataset_digest,
+    inflate_part10,
     prepare_for_send,
     write_part10_from_body,
 )
 from intu_dicom_destination.samples import ct_instance, write_ct_series
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import Tag
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     RLELossless,
@@ -278,3 +289,140 @@ def test_memory_stays_flat_for_a_large_instance(tmp_path: Path) -> None:
         a.seek(size - 4096)
         b.seek(prepared.path.stat().st_size - 4096)
         assert a.read() == b.read()
+
+
+# -- deflate ------------------------------------------------------------------------------------
+
+
+class _CountingSink(io.RawIOBase):
+    """A write-only stream that keeps nothing: counts the bytes written to it."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.size += len(data)
+        return len(data)
+
+
+def _deflated_part10(payload_chunks: Iterator[bytes], *, raw_payload: bytes | None = None) -> io.BytesIO:
+    """A Deflated Explicit VR LE Part-10 stream: the file meta, then the chunks deflated (or
+    ``raw_payload`` as is, for a corrupt stream)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    out = io.BytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(DicomFileLike(out), meta)
+    if raw_payload is not None:
+        out.write(raw_payload)
+    else:
+        deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        for chunk in payload_chunks:
+            out.write(deflater.compress(chunk))
+        out.write(deflater.flush())
+    out.seek(0)
+    return out
+
+
+def test_inflating_a_deflate_bomb_keeps_memory_bounded() -> None:
+    size = 256 * MiB
+    zeros = bytes(MiB)
+    header = b"\xe0\x7f\x10\x00OB\x00\x00" + size.to_bytes(4, "little")  # Pixel Data, OB, 256 MiB
+    src = _deflated_part10(iter([header, *([zeros] * (size // MiB))]))
+    assert len(src.getbuffer()) < MiB  # ~250 KiB that inflate to 256 MiB
+    dest = _CountingSink()
+    tracemalloc.start()
+    try:
+        inflate_part10(src, dest)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * MiB, f"inflating peaked at {peak / MiB:.1f} MiB"
+    assert dest.size > size + len(header)  # preamble + file meta + the whole inflated dataset
+
+
+def test_inflating_a_corrupt_deflate_stream_raises_invalid_body() -> None:
+    src = _deflated_part10(iter(()), raw_payload=b"\xff" * 64)  # BTYPE 11: an invalid block type
+    with pytest.raises(InvalidBody, match="deflated dataset is corrupt"):
+        inflate_part10(src, _CountingSink())
+
+
+# -- ambiguous VRs in implicit VR files ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tag", "expected"),
+    [
+        (0x7FE00010, "OW"),  # Pixel Data: OB or OW
+        (0x60003000, "OW"),  # Overlay Data: OB or OW (repeating group)
+        (0x54001010, "OW"),  # Waveform Data: OB or OW
+        (0x00283006, "OW"),  # LUT Data: US or OW
+        (0x00281200, "OW"),  # Gray Lookup Table Data: US or SS or OW
+        (0x00280120, "US or SS"),  # Pixel Padding Value: numeric, never bulk binary
+        (0x00283002, "US or SS"),  # LUT Descriptor
+        (0x00280010, "US"),  # Rows: not ambiguous
+        (0x00091010, "UN"),  # private, not in the dictionary
+    ],
+)
+def test_bulk_vr_of_implicit_elements(tag: int, expected: str) -> None:
+    raw = RawDataElement(Tag(tag), None, 2048, b"", 0, True, True)
+    assert _bulk_vr(raw) == expected
+
+
+def test_large_us_or_ss_value_in_implicit_vr_is_not_bulk(tmp_path: Path) -> None:
+    ds = ct_instance(study_uid=generate_uid(), series_uid=generate_uid(), number=1, size_kib=4)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.PixelRepresentation = 0
+    values = list(range(1000))  # 2000 bytes: over BULK_THRESHOLD
+    ds.add_new(0x00280120, "US", values)  # Pixel Padding Value, dictionary VR "US or SS"
+    path = tmp_path / "implicit-us.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    body = body_from_file(path)
+    assert body["dataset"]["00280120"] == {"vr": "US", "Value": values}
+    assert body["dataset"]["7FE00010"]["vr"] == "OW" and "BulkDataURI" in body["dataset"]["7FE00010"]
+
+
+# -- failures while writing ------------------------------------------------------------------------
+
+
+@contextmanager
+def _file_size_limit(nbytes: int) -> Iterator[None]:
+    """Writes past ``nbytes`` fail with EFBIG (a real full-disk stand-in that needs no root)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_write_part10_from_body_never_leaves_a_truncated_dest(ct: Path, tmp_path: Path) -> None:
+    body = body_from_file(ct)  # unchanged: the stored file is copied to dest
+    assert ct.stat().st_size > 32 * 1024
+    out = tmp_path / "out"
+    out.mkdir()
+    dest = out / "instance.dcm"
+    dest.write_bytes(b"previous version")
+    with _file_size_limit(16 * 1024), pytest.raises(OSError) as failure:
+        write_part10_from_body(body, dest)
+    assert failure.value.errno == errno.EFBIG
+    assert dest.read_bytes() == b"previous version"  # untouched, not half of the new instance
+    assert [p.name for p in out.iterdir()] == ["instance.dcm"]  # no temporary file left
+    write_part10_from_body(body, dest)
+    assert dest.read_bytes() == ct.read_bytes()
+    assert [p.name for p in out.iterdir()] == ["instance.dcm"]
+
+
+def test_bytes_body_leaves_no_temporary_file_when_the_write_fails(ct: Path, tmp_path: Path) -> None:
+    data = ct.read_bytes()
+    work = tmp_path / "work"
+    work.mkdir()
+    with _file_size_limit(16 * 1024), pytest.raises(OSError) as failure:
+        prepare_for_send(data, work)
+    assert failure.value.errno == errno.EFBIG
+    assert list(work.iterdir()) == []

@@ -6,6 +6,7 @@ import io
 import logging
 from dataclasses import replace
 
+import pytest
 from intu_dicom_destination.cli import run_echo, run_send
 from intu_dicom_destination.destination import DESTINATION_TYPE, DicomDestination
 from intu_dicom_destination.settings import DestinationSettings
@@ -72,6 +73,38 @@ def test_no_room_to_prepare_an_edited_instance_is_retryable(scp_factory, ct_file
     assert scp.received == []
 
 
+def test_leftover_temporary_files_are_deleted_at_creation(scp_factory, ct_files, tmp_path):
+    # A crash between writing an edited or decompressed copy and deleting it leaves the file.
+    outgoing = tmp_path / "data" / "dicom" / "outgoing"
+    outgoing.mkdir(parents=True)
+    leftovers = [outgoing / ".intu-0123456789abcdef.dcm", outgoing / "transcode-abc123.dcm"]
+    for path in leftovers:
+        path.write_bytes(b"\0" * 4096)
+    scp = scp_factory()
+    dest = DicomDestination(settings_for(scp), runtime(tmp_path))
+    try:
+        assert list(outgoing.iterdir()) == []
+        assert dest.send(Message(body=ct_files(1)[0].read_bytes())).status is SendStatus.SUCCESS
+        assert list(outgoing.iterdir()) == []
+    finally:
+        dest.close()
+
+
+def test_unusable_tls_file_refuses_creation_naming_the_destination(tmp_path):
+    from intu_dicom_destination.settings import TlsClientSettings
+    from intu_dicom_destination.testing import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    bad = tmp_path / "client.key"
+    bad.write_text("not a key")
+    tls = TlsClientSettings(enabled=True, ca_cert=pki["ca"], client_cert=pki["client"], client_key=bad)
+    settings = DestinationSettings(host="127.0.0.1", port=1, called_ae_title="X", tls=tls)
+    with pytest.raises(ValueError) as raised:  # TlsConfigError: the engine makes it a config error
+        DicomDestination(settings, runtime(tmp_path))
+    text = str(raised.value)
+    assert "'pacs'" in text and str(bad) in text and "tls.client_key" in text and "PEM" in text, text
+
+
 def test_invalid_body_is_permanent(scp_factory, tmp_path):
     scp = scp_factory()
     dest = DicomDestination(settings_for(scp), runtime(tmp_path))
@@ -116,3 +149,21 @@ def test_run_send_all_ok_in_parallel(scp_factory, ct_files):
     assert run_send(settings_for(scp), files, out, progress=False, associations=3) == 0
     assert "sent 12 of 12" in out.getvalue() and len(scp.received) == 12
     assert len(scp.associations) <= 3
+
+
+def test_intu_dicom_echo_with_an_unusable_ca_file_says_so_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from intu_core.cli import cli
+
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    (tmp_path / "intu.yaml").write_text(
+        "destinations:\n  pacs:\n    type: dicom\n    dicom:\n      host: 127.0.0.1\n"
+        "      called_ae_title: X\n      tls: {enabled: true, ca_cert: bad.pem}\n"
+    )
+    result = CliRunner().invoke(cli, ["--dir", str(tmp_path), "dicom", "echo", "pacs"])
+    assert result.exit_code == 1
+    assert "destination 'pacs': tls.ca_cert" in result.output and "not a PEM" in result.output
+    assert "Traceback" not in result.output
+    unknown = CliRunner().invoke(cli, ["--dir", str(tmp_path), "dicom", "echo", "nope"])
+    assert unknown.exit_code == 2 and "no destination named 'nope'" in unknown.output

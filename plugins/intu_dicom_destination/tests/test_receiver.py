@@ -6,11 +6,13 @@ import logging
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from intu_dicom_destination import receiver
 from intu_dicom_destination.body import body_from_file
 from intu_dicom_destination.receiver import SOURCE_TYPE, DicomSource
 from intu_dicom_destination.source_settings import SourceSettings, SourceTLSSettings, parse_source_settings
@@ -217,16 +219,20 @@ def test_status_tells_the_sender_what_the_engine_did(
     assert Path(engine.messages[0].files[0]).exists()
 
 
-def _garbage_instance(path: Path) -> Path:
+def _garbage_instance(
+    path: Path,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    # SOP Class UID claiming 32767 bytes of value where 12 follow.
+    payload: bytes = b"\x08\x00\x16\x00UI\xff\x7f" + b"1.2" * 4,
+) -> Path:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = transfer_syntax
     with open(path, "wb") as f:
         f.write(b"\0" * 128 + b"DICM")
         write_file_meta_info(DicomFileLike(f), meta)
-        # SOP Class UID claiming 32767 bytes of value where 12 follow.
-        f.write(b"\x08\x00\x16\x00UI\xff\x7f" + b"1.2" * 4)
+        f.write(payload)
     return path
 
 
@@ -243,6 +249,66 @@ def test_unparseable_dataset_gets_c000_and_the_server_keeps_serving(
     assert "cannot parse" in caplog.text and "0xC000" in caplog.text
     assert engine.messages == []
     assert list(src.received_dir.iterdir()) == []
+    good = assoc.send_c_store(ct_files(1)[0])
+    assoc.release()
+    assert good.Status == 0x0000 and len(engine.messages) == 1
+
+
+def test_received_instances_are_stored_in_the_channel_spool_dir(
+    source: Any, engine: Engine, ct_files: Any, tmp_path: Path
+) -> None:
+    src = source()
+    spool = tmp_path / "data" / "spool" / "dicom-router"
+    assert src.runtime.spool_dir == spool and spool.is_dir()
+    assoc = associate(src)
+    rsp = assoc.send_c_store(ct_files(1)[0])
+    assoc.release()
+    assert rsp.Status == 0x0000
+    stored = Path(engine.messages[0].body["file"])
+    assert stored.parent == spool and engine.messages[0].files == (str(stored),)
+    assert not (tmp_path / "data" / "dicom").exists()
+
+
+def test_corrupt_deflate_stream_gets_c000_and_the_server_keeps_serving(
+    source: Any, engine: Engine, ct_files: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    src = source()
+    # Send the file's bytes as they are: a deflated data set that is not a valid deflate stream.
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    garbage = _garbage_instance(
+        tmp_path / "bad-deflate.dcm", DeflatedExplicitVRLittleEndian, payload=b"\xff" * 64
+    )
+    # Two contexts for CT: a deflated one (the SCP would pick explicit VR from a shared one).
+    ae = scu(contexts=[(CTImageStorage, [DeflatedExplicitVRLittleEndian]), (CTImageStorage, None)])
+    assoc = associate(src, ae)
+    with caplog.at_level(logging.ERROR, logger="test.dicom.source"):
+        rsp = assoc.send_c_store(garbage)
+    assert rsp.Status == 0xC000 and rsp.ErrorComment == "dataset cannot be parsed"
+    assert "deflated dataset is corrupt" in caplog.text and "0xC000" in caplog.text
+    assert engine.messages == []
+    assert list(src.received_dir.iterdir()) == []
+    good = assoc.send_c_store(ct_files(1)[0])
+    assoc.release()
+    assert good.Status == 0x0000 and len(engine.messages) == 1
+
+
+def test_unexpected_error_while_storing_answers_0110_and_removes_the_partial_file(
+    source: Any, engine: Engine, ct_files: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    src = source()
+
+    def broken(temp: Path, path: Path, transfer_syntax: str) -> None:
+        path.write_bytes(b"half an instance")  # written, then something unforeseen goes wrong
+        raise ValueError("unforeseen")
+
+    monkeypatch.setattr(src, "_persist", broken)
+    assoc = associate(src)
+    with caplog.at_level(logging.ERROR, logger="test.dicom.source"):
+        rsp = assoc.send_c_store(ct_files(1)[0])
+    assert rsp.Status == 0x0110 and rsp.ErrorComment == "cannot store instance: ValueError"
+    assert "unexpected ValueError: unforeseen" in caplog.text and "0x0110" in caplog.text
+    assert engine.messages == [] and list(src.received_dir.iterdir()) == []
+    monkeypatch.undo()
     good = assoc.send_c_store(ct_files(1)[0])
     assoc.release()
     assert good.Status == 0x0000 and len(engine.messages) == 1
@@ -289,6 +355,16 @@ def test_tls_with_client_certificate(
     rsp = assoc.send_c_store(ct_files(1)[0])
     assoc.release()
     assert rsp.Status == 0x0000 and len(engine.messages) == 1
+
+
+def test_tls_key_not_matching_the_certificate_fails_start_clearly(
+    tmp_path: Path, engine: Engine, pki: dict[str, Path]
+) -> None:
+    tls = SourceTLSSettings(enabled=True, cert=pki["server"], key=pki["client_key"], ca_cert=pki["ca"])
+    settings = SourceSettings(port=free_port(), host="127.0.0.1", tls=tls)
+    src = DicomSource(settings, Runtime("dicom-router", tmp_path / "data", logging.getLogger("test")))
+    with pytest.raises(RuntimeError, match="cannot set up TLS: tls.key .* does not match the certificate"):
+        src.start(engine.deliver)
 
 
 def test_tls_client_without_certificate_is_refused(source: Any, engine: Engine, pki: dict[str, Path]) -> None:
@@ -388,6 +464,35 @@ def test_stop_closes_the_port(source: Any) -> None:
     src.stop()
     assoc = scu().associate("127.0.0.1", port, ae_title="INTU_SCP")
     assert not assoc.is_established
+
+
+def test_stop_also_ends_an_association_accepted_during_shutdown(
+    source: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    monkeypatch.setattr(receiver, "STOP_GRACE_SECONDS", 0.5)
+    src = source()
+    server = src._server
+    real_shutdown = server.shutdown
+    late: list[Any] = []
+
+    def shutdown_while_a_peer_connects() -> None:
+        late.append(associate(src))  # accepted after stop() began, before the socket closes
+        real_shutdown()
+
+    monkeypatch.setattr(server, "shutdown", shutdown_while_a_peer_connects)
+    with caplog.at_level(logging.WARNING, logger="test.dicom.source"):
+        src.stop()
+    assoc = late[0]
+    try:
+        deadline = time.monotonic() + 5
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not assoc.is_established, "the association accepted during shutdown is still open"
+        assert assoc.is_aborted
+        assert "aborting association from TEST_SCU" in caplog.text
+    finally:
+        if assoc.is_established:
+            assoc.abort()
 
 
 def test_body_from_received_file_is_stable(source: Any, engine: Engine, ct_files: Any) -> None:

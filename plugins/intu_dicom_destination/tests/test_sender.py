@@ -291,13 +291,31 @@ def test_tls_against_a_plain_tcp_peer(scp_factory, senders, ct_files, pki):
     assert "TLS handshake" in result.detail and f"127.0.0.1:{scp.port}" in result.detail, result.detail
 
 
-def test_tls_bad_key_file_is_reported(senders, ct_files, pki, tmp_path):
-    bad = tmp_path / "bad.key"
-    bad.write_text("not a key")
-    tls = replace(_tls(pki), client_key=bad)
-    sender = senders(DestinationSettings(host="127.0.0.1", port=1, called_ae_title="X", tls=tls))
-    result = sender.send_file(ct_files(1)[0])
-    assert result.status is SendStatus.PERMANENT and str(bad) in result.detail
+@pytest.mark.parametrize(
+    ("which", "words"),
+    [
+        ("bad_key", "not a PEM certificate and unencrypted PEM private key"),
+        ("other_key", "does not match the certificate"),
+        ("bad_ca", "not a PEM CA certificate"),
+    ],
+)
+def test_unusable_tls_files_refuse_creation(senders, pki, tmp_path, which, words):
+    # Not a permanent result per message (that dead-lettered the whole queue): the sender
+    # cannot be created, so `intu serve` refuses to start with the reason.
+    from intu_dicom_destination.tls import TlsConfigError
+
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not PEM")
+    tls = {
+        "bad_key": replace(_tls(pki), client_key=bad),
+        "other_key": replace(_tls(pki), client_key=pki["server_key"]),
+        "bad_ca": replace(_tls(pki), ca_cert=bad),
+    }[which]
+    culprit = {"bad_key": bad, "other_key": pki["server_key"], "bad_ca": bad}[which]
+    with pytest.raises(TlsConfigError) as raised:
+        senders(DestinationSettings(host="127.0.0.1", port=1, called_ae_title="X", tls=tls))
+    text = str(raised.value)
+    assert str(culprit) in text and words in text and "127.0.0.1:1" in text, text
 
 
 def test_concurrent_senders_do_not_leak_associations(scp_factory, senders, ct_files):
@@ -323,3 +341,129 @@ def test_tcp_nodelay_is_set(scp_factory, senders, ct_files):
     pooled = sender._idle[0]
     sock = pooled.assoc.dul.socket.socket
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+# -- the pool survives what it did not expect ---------------------------------------------------------
+def _in_thread(call, timeout: float = 20.0):
+    """``call()`` in a thread; fails the test if it has not returned within ``timeout``."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = call()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"hung for {timeout} s"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+class _Surprise(Exception):
+    pass
+
+
+def test_an_unexpected_error_while_sending_gives_the_association_back(
+    scp_factory, senders, ct_files, monkeypatch
+):
+    from pynetdicom.association import Association
+
+    scp = scp_factory()
+    sender = senders(settings_for(scp, max_associations=2, timeout_ms=3000))
+    original = Association.send_c_store
+    failures = {"left": 3}  # max_associations + 1: each used to leak a pool slot, then a hang
+
+    def flaky(self, *args, **kwargs):
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise _Surprise("the unexpected")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Association, "send_c_store", flaky)
+    files = ct_files(6)
+    for path in files[:3]:
+        result = _in_thread(lambda path=path: sender.send_file(path))
+        assert result.status is SendStatus.RETRYABLE, result.detail
+        assert "unexpected error" in result.detail and "_Surprise: the unexpected" in result.detail
+        assert result.data["sop_instance_uid"] == dcmread(path).SOPInstanceUID
+        assert sender.open_associations == 0
+    results = [_in_thread(lambda path=path: sender.send_file(path)) for path in files[3:]]
+    assert all(r.status is SendStatus.SUCCESS for r in results), [r.detail for r in results]
+    assert [r.sop_instance_uid for r in scp.received] == [dcmread(f).SOPInstanceUID for f in files[3:]]
+    assert sender.open_associations == 1
+    # The associations of the failed sends were aborted, not left open at the peer.
+    deadline = time.monotonic() + 3
+    while scp.active > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scp.active == 1
+
+
+def test_an_interrupt_while_sending_is_raised_and_gives_the_association_back(
+    scp_factory, senders, ct_files, monkeypatch
+):
+    from pynetdicom.association import Association
+
+    scp = scp_factory()
+    sender = senders(settings_for(scp, max_associations=1, timeout_ms=3000))
+    original = Association.send_c_store
+
+    def interrupted(self, *args, **kwargs):
+        monkeypatch.setattr(Association, "send_c_store", original)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Association, "send_c_store", interrupted)
+    files = ct_files(2)
+    with pytest.raises(KeyboardInterrupt):
+        _in_thread(lambda: sender.send_file(files[0]))
+    assert sender.open_associations == 0
+    assert _in_thread(lambda: sender.send_file(files[1])).status is SendStatus.SUCCESS
+
+
+def test_waiting_for_a_free_association_gives_up_after_timeout_ms(scp_factory, senders, ct_files):
+    scp = scp_factory()
+    sender = senders(settings_for(scp, max_associations=1, timeout_ms=500))
+    path = ct_files(1)[0]
+    meta = dcmread(path)
+    held = sender._checkout((str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID)))
+    started = time.monotonic()
+    result = _in_thread(lambda: sender.send_file(path), timeout=10)
+    waited = time.monotonic() - started
+    assert result.status is SendStatus.RETRYABLE
+    assert "no association" in result.detail and "within 500 ms" in result.detail, result.detail
+    assert 0.4 < waited < 5
+    sender._checkin(held)
+    assert _in_thread(lambda: sender.send_file(path)).status is SendStatus.SUCCESS
+    assert len(scp.associations) == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (OSError(28, "No space left on device"), SendStatus.RETRYABLE),
+        (ValueError("cannot encode"), SendStatus.PERMANENT),
+    ],
+)
+def test_a_failed_transcode_write_leaves_no_temporary_file(
+    scp_factory, senders, ct_files, tmp_path, monkeypatch, error, status
+):
+    from pydicom.dataset import Dataset
+
+    path = _rle_file(tmp_path, ct_files)
+    scp = scp_factory(transfer_syntaxes=UNCOMPRESSED_ONLY)
+    work = tmp_path / "work"
+    sender = senders(settings_for(scp), work_dir=work)
+
+    def half_written(self, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise error
+
+    monkeypatch.setattr(Dataset, "save_as", half_written)
+    result = sender.send_file(path)
+    assert result.status is status, result.detail
+    assert str(error.args[-1]) in result.detail
+    assert list(work.iterdir()) == []
+    assert scp.received == []

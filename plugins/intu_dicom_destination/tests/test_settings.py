@@ -117,7 +117,12 @@ def test_defaults(tmp_path):
             "did you mean 'max_pdu_length'",
         ),
         ("host: pacs\ncalled_ae_title: PACS\ntls:\n  enabled: true", "tls", 7, "expected tls.ca_cert"),
-        ("host: pacs\ncalled_ae_title: PACS\ntls:\n  ca_cert: nope.pem", "tls.ca_cert", 8, "no such file"),
+        (
+            "host: pacs\ncalled_ae_title: PACS\ntls:\n  enabled: true\n  ca_cert: nope.pem",
+            "tls.ca_cert",
+            9,
+            "no such file",
+        ),
         (
             "host: pacs\ncalled_ae_title: PACS\ntls:\n  enabeld: true",
             "tls.enabeld",
@@ -157,3 +162,25 @@ def test_relative_cert_paths_are_taken_from_the_config_folder(tmp_path, certs):
         tmp_path, one("host: pacs\ncalled_ae_title: PACS\ntls:\n  enabled: true\n  ca_cert: ca.pem")
     )
     assert not problems and settings.tls.ca_cert == tmp_path / "ca.pem"
+
+
+def test_tls_files_are_checked_only_when_tls_is_enabled(tmp_path):
+    # Disabled, the block may keep paths that do not exist here (yet); the source does the same.
+    missing = "tls:\n  {enabled}ca_cert: nope-ca.pem\n  client_cert: nope.pem\n  client_key: nope.key"
+    settings, problems = parse(
+        tmp_path, one("host: pacs\ncalled_ae_title: PACS\n" + missing.format(enabled="enabled: false\n  "))
+    )
+    assert not problems, [str(p) for p in problems]
+    assert not settings.tls.enabled and settings.tls.ca_cert == tmp_path / "nope-ca.pem"
+    _, problems = parse(tmp_path, one("host: pacs\ncalled_ae_title: PACS\n" + missing.format(enabled="")))
+    assert not problems, [str(p) for p in problems]
+    (tmp_path / "a-folder.pem").mkdir()
+    _, problems = parse(
+        tmp_path, one("host: pacs\ncalled_ae_title: PACS\ntls:\n  enabled: false\n  ca_cert: a-folder.pem")
+    )
+    assert not problems, [str(p) for p in problems]
+    _, problems = parse(
+        tmp_path, one("host: pacs\ncalled_ae_title: PACS\n" + missing.format(enabled="enabled: true\n  "))
+    )
+    assert sorted(p.key_path.rpartition(".")[2] for p in problems) == ["ca_cert", "client_cert", "client_key"]
+    assert all("no such file" in p.message for p in problems)
