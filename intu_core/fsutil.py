@@ -6,13 +6,18 @@ import os
 from pathlib import Path
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a new or renamed directory entry durable (the file's own fsync does not)."""
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by its path."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a new or renamed directory entry durable (the file's own fsync does not)."""
+    fsync_path(directory)
 
 
 def write_durably(path: Path, data: bytes) -> None:

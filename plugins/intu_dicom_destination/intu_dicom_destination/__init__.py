@@ -39,16 +39,10 @@ def intu_write_message_file(message, directory):  # type: ignore[no-untyped-def]
     body = message.body
     if not (isinstance(body, dict) and "dataset" in body and "sop_instance_uid" in body):
         return None
-    import os
-
-    from intu_core.fsutil import fsync_dir
     from intu_dicom_destination.body import write_part10_from_body
 
     uid = str(body["sop_instance_uid"])
     # The UID comes from the sender: only a well-formed one may name a file (no "../").
     name = uid if len(uid) <= 64 and _UID.fullmatch(uid) else message.id
-    path = write_part10_from_body(body, directory / f"{name}.dcm")
-    with open(path, "rb+") as fh:  # the archive must hold it before we report success
-        os.fsync(fh.fileno())
-    fsync_dir(path.parent)
-    return path
+    # Written atomically and fsynced (file and folder) before it returns.
+    return write_part10_from_body(body, directory / f"{name}.dcm")

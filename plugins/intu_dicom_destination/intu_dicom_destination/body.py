@@ -44,7 +44,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
 )
 
-from intu_core.fsutil import fsync_dir
+from intu_core.fsutil import fsync_dir, fsync_path
 
 __all__ = [
     "BULK_THRESHOLD",
@@ -330,7 +330,7 @@ def write_part10_from_body(body: Any, dest: Path) -> Path:
     if prepared.temporary:
         # A new file in dest's folder: make its bytes durable, then rename it into place.
         try:
-            _fsync_file(prepared.path)
+            fsync_path(prepared.path)
             os.replace(prepared.path, dest)
         except BaseException:
             prepared.cleanup()
@@ -351,14 +351,6 @@ def write_part10_from_body(body: Any, dest: Path) -> Path:
             raise
         fsync_dir(dest.parent)
     return dest
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _temp_path(work_dir: Path) -> Path:

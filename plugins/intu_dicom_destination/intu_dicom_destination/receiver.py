@@ -50,7 +50,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from intu_core.fsutil import fsync_dir
+from intu_core.fsutil import fsync_dir, fsync_path
 from intu_core.message import Acceptance, AcceptanceStatus, Message
 from intu_core.types import DeliverCallback, Runtime, SourceType
 from intu_dicom_destination import tuning
@@ -345,11 +345,7 @@ class DicomSource:
                     raise
                 with open(temp, "rb") as src, open(path, "wb") as dest:
                     shutil.copyfileobj(src, dest, _COPY_CHUNK)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(path)
         fsync_dir(path.parent)
 
 
