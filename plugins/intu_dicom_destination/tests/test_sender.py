@@ -15,7 +15,7 @@ from intu_dicom_destination.sender import DicomSender
 from intu_dicom_destination.settings import DestinationSettings, TlsClientSettings
 from intu_dicom_destination.testing import UNCOMPRESSED_ONLY, free_port
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
 from intu_core.message import SendStatus
 
@@ -170,24 +170,26 @@ def test_dimse_timeout_is_retryable_and_aborts(scp_factory, senders, ct_files):
     assert sender.open_associations == 0
 
 
-def _rle_file(tmp_path: Path, ct_files) -> Path:
+def _rle_file(tmp_path: Path, ct_files, syntax: str = RLELossless) -> Path:
     ds = dcmread(ct_files(1)[0])
-    ds.compress(RLELossless)
-    path = tmp_path / "rle.dcm"
+    ds.compress(syntax)  # RLE: pydicom's own encoder; JPEG 2000: pylibjpeg-openjpeg
+    path = tmp_path / "compressed.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
 
 
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless], ids=["rle", "jpeg2000-lossless"])
 def test_compressed_instance_is_decompressed_for_an_uncompressed_only_scp(
-    scp_factory, senders, ct_files, tmp_path
+    scp_factory, senders, ct_files, tmp_path, syntax
 ):
-    path = _rle_file(tmp_path, ct_files)
+    path = _rle_file(tmp_path, ct_files, syntax)
     original = dcmread(path)
+    assert original.file_meta.TransferSyntaxUID == syntax
     scp = scp_factory(transfer_syntaxes=UNCOMPRESSED_ONLY)
     sender = senders(settings_for(scp), work_dir=tmp_path / "work")
     result = sender.send_file(path)
     assert result.status is SendStatus.SUCCESS, result.detail
-    assert result.data["transcoded_from"] == RLELossless
+    assert result.data["transcoded_from"] == syntax
     got = scp.dataset(0)
     assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert np.array_equal(got.pixel_array, original.pixel_array)
