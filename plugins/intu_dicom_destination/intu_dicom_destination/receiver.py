@@ -80,8 +80,6 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
-# How long stop() lets open associations end by themselves before aborting them.
-STOP_GRACE_SECONDS = 10.0
 _COPY_CHUNK = 1024 * 1024
 
 
@@ -180,7 +178,7 @@ class DicomSource:
         for assoc in associations:
             if not assoc.is_established and assoc.requestor.primitive is None and assoc.is_alive():
                 assoc.dul.to_user_queue.put(None)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        deadline = time.monotonic() + self.settings.stop_grace_ms / 1000
         for assoc in associations:
             assoc.join(max(0.0, deadline - time.monotonic()))
         for assoc in associations:

@@ -11,6 +11,7 @@ source:
     require_called_ae_title: true  # the called AE title must be ae_title (default true)
     max_pdu_length: 65536        # largest PDU we accept (default 65536; 0 = no limit)
     max_associations: 10         # simultaneous associations (default 10)
+    stop_grace_ms: 10000         # at shutdown, how long open associations may go on (default 10 s)
     tls: {enabled: false, cert: ..., key: ..., ca_cert: ..., require_client_cert: false}
 ```
 """
@@ -29,6 +30,9 @@ DEFAULT_HOST = "0.0.0.0"
 # bounded size keeps each PDU's buffer small (0 = unlimited would let a peer send a 1 GiB PDU).
 DEFAULT_MAX_PDU_LENGTH = 65536
 DEFAULT_MAX_ASSOCIATIONS = 10
+# At shutdown a modality in the middle of a study gets this long to finish before its association
+# is aborted (a C-STORE being handled is always answered first); it sends the rest again later.
+DEFAULT_STOP_GRACE_MS = 10_000
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class SourceSettings:
     require_called_ae_title: bool = True
     max_pdu_length: int = DEFAULT_MAX_PDU_LENGTH
     max_associations: int = DEFAULT_MAX_ASSOCIATIONS
+    stop_grace_ms: int = DEFAULT_STOP_GRACE_MS
     tls: SourceTLSSettings = field(default_factory=SourceTLSSettings)
 
 
@@ -70,6 +75,7 @@ def parse_source_settings(section: Section) -> SourceSettings:
     require_called = section.bool("require_called_ae_title", True)
     max_pdu = section.int("max_pdu_length", DEFAULT_MAX_PDU_LENGTH, min=0, max=0xFFFFFFFF)
     max_assocs = section.int("max_associations", DEFAULT_MAX_ASSOCIATIONS, min=1, max=1000)
+    stop_grace = section.int("stop_grace_ms", DEFAULT_STOP_GRACE_MS, min=0)
     tls = _parse_tls(section.section("tls"))
     section.done()
     return SourceSettings(
@@ -80,6 +86,7 @@ def parse_source_settings(section: Section) -> SourceSettings:
         require_called_ae_title=True if require_called is None else require_called,
         max_pdu_length=DEFAULT_MAX_PDU_LENGTH if max_pdu is None else max_pdu,
         max_associations=max_assocs or DEFAULT_MAX_ASSOCIATIONS,
+        stop_grace_ms=DEFAULT_STOP_GRACE_MS if stop_grace is None else stop_grace,
         tls=tls,
     )
 

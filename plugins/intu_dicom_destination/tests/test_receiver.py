@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from intu_dicom_destination import receiver
 from intu_dicom_destination.body import body_from_file
 from intu_dicom_destination.receiver import SOURCE_TYPE, DicomSource
 from intu_dicom_destination.source_settings import SourceSettings, SourceTLSSettings, parse_source_settings
@@ -392,6 +391,7 @@ def test_settings_defaults(tmp_path: Path) -> None:
     assert settings.ae_title == "INTU_SCP" and settings.host == "0.0.0.0"
     assert settings.require_called_ae_title and settings.calling_ae_titles == ()
     assert settings.max_pdu_length == 65536 and settings.max_associations == 10
+    assert settings.stop_grace_ms == 10_000
     assert not settings.tls.enabled
 
 
@@ -404,6 +404,7 @@ def test_settings_full(tmp_path: Path, pki: dict[str, Path]) -> None:
         "require_called_ae_title": False,
         "max_pdu_length": 0,
         "max_associations": 4,
+        "stop_grace_ms": 2500,
         "tls": {
             "enabled": True,
             "cert": str(pki["server"]),
@@ -415,6 +416,7 @@ def test_settings_full(tmp_path: Path, pki: dict[str, Path]) -> None:
     settings, problems = parse(data, tmp_path)
     assert problems == []
     assert settings.port == 11113 and settings.calling_ae_titles == ("CT1", "MR1")
+    assert settings.stop_grace_ms == 2500
     assert settings.tls == _tls_settings(pki, require_client_cert=True)
 
 
@@ -469,8 +471,7 @@ def test_stop_closes_the_port(source: Any) -> None:
 def test_stop_also_ends_an_association_accepted_during_shutdown(
     source: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
-    monkeypatch.setattr(receiver, "STOP_GRACE_SECONDS", 0.5)
-    src = source()
+    src = source(stop_grace_ms=500)
     server = src._server
     real_shutdown = server.shutdown
     late: list[Any] = []
