@@ -1,6 +1,7 @@
 """intu: a small integration engine core. This module is the public API for plugin authors."""
 
 from intu_core.config import REQUIRED, ConfigError, Problem, Problems, Section
+from intu_core.fsutil import fsync_dir, fsync_path, write_durably
 from intu_core.hookspecs import hookimpl
 from intu_core.message import (
     Acceptance,
@@ -39,5 +40,8 @@ __all__ = [
     "Section",
     "Source",
     "SourceType",
+    "fsync_dir",
+    "fsync_path",
     "hookimpl",
+    "write_durably",
 ]
