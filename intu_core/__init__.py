@@ -11,14 +11,17 @@ from intu_core.message import (
     SendResult,
     SendStatus,
 )
+from intu_core.metrics import MetricsRegistry
 from intu_core.types import (
     DeliverCallback,
     Destination,
     DestinationType,
     Runtime,
+    SettingsBlock,
     Source,
     SourceType,
 )
+from intu_core.view import EngineView
 
 __version__ = "0.1.0"
 
@@ -31,12 +34,15 @@ __all__ = [
     "DeliverCallback",
     "Destination",
     "DestinationType",
+    "EngineView",
     "Message",
+    "MetricsRegistry",
     "Problem",
     "Problems",
     "Runtime",
     "SendResult",
     "SendStatus",
+    "SettingsBlock",
     "Section",
     "Source",
     "SourceType",

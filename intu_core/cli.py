@@ -188,6 +188,10 @@ def plugins(ctx: click.Context) -> None:
             click.echo(f"  destination types: {', '.join(info.destination_types)}")
         if info.source_types:
             click.echo(f"  source types: {', '.join(info.source_types)}")
+        if info.queue_backends:
+            click.echo(f"  queue backends: {', '.join(info.queue_backends)}")
+        if info.settings_blocks:
+            click.echo(f"  intu.yaml blocks: {', '.join(info.settings_blocks)}")
         if info.commands:
             click.echo(f"  commands: {', '.join(info.commands)}")
     for problem in registry.unusable.values():

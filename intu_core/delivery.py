@@ -8,6 +8,10 @@ from the store, call ``destination.send``, and record what happened::
     PERMANENT              → dead letter with the reason
     send raised            → a bug in the destination: logged with the traceback, treated as RETRYABLE
 
+A claim leases the entry to this engine for ``lease_s`` (5 minutes by default); while sends run,
+one more thread renews the leases of the entries the workers hold, every third of that, so that a
+slow send is never taken over by another engine sharing the queue.
+
 Idle workers block on a ``threading.Condition`` until ``notify()`` (called after an enqueue) or
 until the next retry is due. They also look at the queue every ``idle_recheck_s`` seconds (5 s by
 default), so that entries put back by ``intu queue retry`` from another process are picked up
@@ -39,7 +43,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from intu_core.message import SendResult, SendStatus
-from intu_core.queue import Entry, QueueStore
+from intu_core.metrics import EngineMetrics, MetricsRegistry
+from intu_core.queue import DEFAULT_LEASE_S, Entry, QueueStore
 from intu_core.types import Destination
 
 if TYPE_CHECKING:
@@ -140,7 +145,8 @@ class DeliveryWorkers:
 
     With one thread, entries go out in enqueue order (among those due). ``notify()`` after each
     enqueue wakes a sleeping worker. ``stop()`` lets in-flight sends finish and starts no new one.
-    Counters (``delivered``, ``warnings``, ``retries``, ``dead``, ``raised``) sum up what happened.
+    What happened is counted in ``metrics`` (the engine's, labelled with the queue's name; a
+    registry of its own when not given); ``counts`` sums it up for this queue.
     """
 
     def __init__(
@@ -153,6 +159,8 @@ class DeliveryWorkers:
         logger: logging.Logger | None = None,
         *,
         idle_recheck_s: float = 5.0,
+        lease_s: float = DEFAULT_LEASE_S,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         if threads < 1:
             raise ValueError("threads must be at least 1")
@@ -163,13 +171,22 @@ class DeliveryWorkers:
         self.threads = threads
         self.log = logger or logging.getLogger(f"intu.delivery.{queue_name}")
         self.idle_recheck_s = idle_recheck_s
+        self.lease_s = lease_s
+        self._held: set[str] = set()  # ids of the entries being sent, whose leases are renewed
+        self._held_lock = threading.Lock()
         self._cond = threading.Condition()
         self._generation = 0  # bumped by notify(), so a wake-up between claim and wait is not lost
         self._stopping = False
         self._stop_event = threading.Event()
         self._workers: list[threading.Thread] = []
-        self._counts_lock = threading.Lock()
-        self.counts: dict[str, int] = dict.fromkeys(("delivered", "warnings", "retries", "dead", "raised"), 0)
+        metrics = metrics or EngineMetrics.register(MetricsRegistry())
+        # Bound once: counting a send is then one locked addition.
+        self._delivered = metrics.delivered.labels(queue_name)
+        self._warnings = metrics.warnings.labels(queue_name)
+        self._retried = metrics.retried.labels(queue_name)
+        self._dead = metrics.dead_lettered.labels(queue_name)
+        self._raised = metrics.send_errors.labels(queue_name)
+        self._send_seconds = metrics.delivery_seconds.labels(queue_name)
 
     # -- control ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -181,6 +198,8 @@ class DeliveryWorkers:
             )
             self._workers.append(thread)
             thread.start()
+        renewer = threading.Thread(target=self._renew_leases, name=f"intu-lease-{self.queue}", daemon=True)
+        renewer.start()
 
     def notify(self) -> None:
         """Something was enqueued (or became due): wake one sleeping worker."""
@@ -208,9 +227,18 @@ class DeliveryWorkers:
             thread.join(remaining)
         return not any(t.is_alive() for t in self._workers)
 
-    def _count(self, name: str) -> None:
-        with self._counts_lock:
-            self.counts[name] += 1
+    @property
+    def counts(self) -> dict[str, int]:
+        """What happened to this queue's sends so far: delivered (warnings included), warnings,
+        retries, dead (dead-lettered) and raised (the destination raised: a bug)."""
+        children = {
+            "delivered": self._delivered,
+            "warnings": self._warnings,
+            "retries": self._retried,
+            "dead": self._dead,
+            "raised": self._raised,
+        }
+        return {name: int(child.value) for name, child in children.items()}
 
     # -- the worker loop -------------------------------------------------------------------
     def _run(self) -> None:
@@ -220,15 +248,43 @@ class DeliveryWorkers:
                     return
                 generation = self._generation
             try:
-                entry = self.store.claim(self.queue)
+                entry = self.store.claim(self.queue, lease_s=self.lease_s)
             except Exception:
                 self.log.exception("queue %s: could not read the queue; trying again in 1 s", self.queue)
                 self._sleep(1.0, generation)
                 continue
             if entry is None:
                 self._wait_for_work(generation)
-            else:
+                continue
+            with self._held_lock:
+                self._held.add(entry.id)
+            try:
                 self._deliver(entry)
+            finally:
+                with self._held_lock:
+                    self._held.discard(entry.id)
+
+    def _renew_leases(self) -> None:
+        # Wakes three times per lease (every 100 s by default): nothing measurable when idle.
+        while not self._stop_event.wait(self.lease_s / 3):
+            with self._held_lock:
+                held = list(self._held)
+            if not held:
+                continue
+            try:
+                renewed = self.store.renew(held, self.lease_s)
+            except Exception:
+                self.log.exception("queue %s: could not renew the leases of entries being sent", self.queue)
+                continue
+            with self._held_lock:  # entries settled since the snapshot need no lease any more
+                lost = len(self._held.intersection(held)) - renewed
+            if lost > 0:
+                self.log.warning(
+                    "queue %s: %d entr(ies) being sent are no longer leased to this engine (purged, or"
+                    " taken over after the lease expired): they may be sent twice",
+                    self.queue,
+                    lost,
+                )
 
     def _wait_for_work(self, generation: int) -> None:
         try:
@@ -251,12 +307,13 @@ class DeliveryWorkers:
     def _deliver(self, entry: Entry) -> None:
         attempt = entry.attempts + 1
         message = entry.message
+        started = time.monotonic()
         try:
             result = self.destination.send(message)
             if not isinstance(result, SendResult):
                 raise TypeError(f"send() returned {type(result).__name__}, not a SendResult")
         except Exception as exc:
-            self._count("raised")
+            self._raised.inc()
             self.log.error(
                 "queue %s: the destination raised while sending message %s (a bug in the destination;"
                 " the message is kept and retried)",
@@ -265,6 +322,7 @@ class DeliveryWorkers:
                 exc_info=True,
             )
             result = SendResult.retryable(f"destination raised {type(exc).__name__}: {exc}")
+        self._send_seconds.observe(time.monotonic() - started)
         # Recording can fail for a while (the disk is full, another process holds the database
         # longer than the busy timeout). Giving up would leave the entry in flight, never claimed
         # again until a restart: keep trying, once a second, until it is recorded or we stop.
@@ -294,9 +352,9 @@ class DeliveryWorkers:
         what = f"message {entry.message.id} (entry {entry.id})"
         if result.delivered:
             self.store.complete(entry.id, result)
-            self._count("delivered")
+            self._delivered.inc()
             if status is SendStatus.WARNING:
-                self._count("warnings")
+                self._warnings.inc()
                 self.log.warning("queue %s: %s delivered with a warning: %s", self.queue, what, _why(result))
             elif attempt > 1:
                 self.log.info("queue %s: %s delivered after %d attempts", self.queue, what, attempt)
@@ -305,7 +363,7 @@ class DeliveryWorkers:
         elif status is SendStatus.RETRYABLE and not self.policy.exhausted(attempt):
             delay = self.policy.delay_s(attempt)
             self.store.retry_later(entry.id, result, time.time() + delay)
-            self._count("retries")
+            self._retried.inc()
             self.log.info(
                 "queue %s: %s not delivered (attempt %d): %s; retrying in %.1f s",
                 self.queue,
@@ -316,7 +374,7 @@ class DeliveryWorkers:
             )
         else:
             self.store.dead_letter(entry.id, result)
-            self._count("dead")
+            self._dead.inc()
             reason = "failed permanently" if status is SendStatus.PERMANENT else "gave up"
             self.log.error(
                 "queue %s: %s dead-lettered, %s after %d attempt(s): %s (see: intu queue show %s)",

@@ -13,7 +13,6 @@ import functools
 import logging
 import shutil
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable
@@ -25,11 +24,13 @@ from intu_core.config.problems import ConfigError, Problem
 from intu_core.config.project import ChannelConfig, DestinationConfig, Project
 from intu_core.delivery import DeliveryWorkers, RetryPolicy
 from intu_core.message import Acceptance, AcceptanceStatus, Message, SendResult, SendStatus
+from intu_core.metrics import CounterChild, EngineMetrics, MetricsRegistry
 from intu_core.pipeline import Pipeline
 from intu_core.plugins import PluginRegistry
-from intu_core.queue import channel_queue
-from intu_core.queue.sqlite import SqliteQueueStore
+from intu_core.queue import QueueStore, QueueUnavailable, channel_queue
+from intu_core.queue.opener import open_queue
 from intu_core.types import Destination, Runtime, Source
+from intu_core.view import ChannelState, EngineView
 
 log = logging.getLogger("intu.engine")
 
@@ -40,10 +41,15 @@ REPLAY_POLICY = RetryPolicy(max_attempts=0, backoff="exponential", initial_delay
 
 @dataclass
 class ChannelRuntime:
+    """A built channel: its stages, its source, and the counters of what its source handed over."""
+
     config: ChannelConfig
     pipeline: Pipeline
     source: Source
     logger: logging.Logger
+    received: CounterChild
+    outcomes: dict[AcceptanceStatus, CounterChild]  # accepted, filtered, refused (busy, failed)
+    state: ChannelState = ChannelState.STOPPED
 
 
 class Engine:
@@ -52,11 +58,14 @@ class Engine:
     def __init__(self, project: Project, registry: PluginRegistry) -> None:
         self.project = project
         self.registry = registry
-        self.store: SqliteQueueStore | None = None
+        self.store: QueueStore | None = None
         self.destinations: dict[str, Destination] = {}
         self.destination_configs: dict[str, DestinationConfig] = {}
         self.workers: dict[str, DeliveryWorkers] = {}
         self.channels: list[ChannelRuntime] = []
+        self.metrics = MetricsRegistry()
+        self.engine_metrics = EngineMetrics.register(self.metrics)
+        self.view = EngineView(self)  # what plugins see of the engine (the lifecycle hooks)
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._started = False
@@ -91,7 +100,11 @@ class Engine:
         pipelines = self._load_pipelines()
         self.project.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock_data_dir()
-        self.store = SqliteQueueStore(self.project.data_dir)
+        try:
+            self.store = open_queue(self.project, self.registry)
+        except BaseException:
+            self._lock_file.close()
+            raise
         for channel in enabled:
             for used in channel.destinations:
                 self.destination_configs.setdefault(used.destination.name, used.destination)
@@ -100,7 +113,11 @@ class Engine:
             registered, why = self.registry.lookup("destination", config.type)
             assert registered is not None, why  # load_project checked every type
             runtime = Runtime(
-                name, self.project.data_dir, logging.getLogger(f"intu.destination.{name}"), self.registry.hook
+                name,
+                self.project.data_dir,
+                logging.getLogger(f"intu.destination.{name}"),
+                self.registry.hook,
+                self.metrics,
             )
             try:
                 self.destinations[name] = registered.create(config.settings, runtime)
@@ -112,7 +129,7 @@ class Engine:
             registered, why = self.registry.lookup("source", channel.source.type)
             assert registered is not None, why
             logger = logging.getLogger(f"intu.channel.{channel.name}")
-            runtime = Runtime(channel.name, self.project.data_dir, logger, self.registry.hook)
+            runtime = Runtime(channel.name, self.project.data_dir, logger, self.registry.hook, self.metrics)
             try:
                 source = registered.create(channel.source.settings, runtime)
             except Exception as exc:
@@ -120,7 +137,16 @@ class Engine:
                     Problem(channel.folder / "channel.yaml", "source", f"cannot create the source: {exc}")
                 )
                 continue
-            self.channels.append(ChannelRuntime(channel, pipelines[channel.name], source, logger))
+            self.channels.append(
+                ChannelRuntime(
+                    channel,
+                    pipelines[channel.name],
+                    source,
+                    logger,
+                    self.engine_metrics.received.labels(channel.name),
+                    _outcome_counters(self.engine_metrics, channel.name),
+                )
+            )
         if problems:
             for destination in self.destinations.values():
                 destination.close()
@@ -154,6 +180,7 @@ class Engine:
         self._sweep_spool()
         recovered = self.store.recover()
         if recovered:
+            self.engine_metrics.recovered.labels().inc(recovered)
             log.warning(
                 "recovered %d message(s) that were being sent when the engine stopped; they will be "
                 "sent again (at-least-once: the receiver may see them twice)",
@@ -168,6 +195,7 @@ class Engine:
                     config.retry,
                     config.queue.threads,
                     logging.getLogger(f"intu.destination.{name}"),
+                    metrics=self.engine_metrics,
                 )
                 workers.start()
                 self.workers[name] = workers
@@ -180,13 +208,16 @@ class Engine:
                 REPLAY_POLICY,
                 1,
                 channel.logger,
+                metrics=self.engine_metrics,
             )
             replay.start()
             self.workers[channel_queue(channel.config.name)] = replay
+            channel.state = ChannelState.STARTING
             channel.source.start(functools.partial(self.deliver, channel))
+            channel.state = ChannelState.RUNNING
             log.info("channel %s: %s source started", channel.config.name, channel.config.source.type)
         self._started = True
-        self.registry.hook.intu_engine_started(engine=self)
+        self.registry.hook.intu_engine_started(engine=self.view)
 
     def _sweep_spool(self) -> None:
         """Delete spooled files that no entry refers to: a crash between a source writing a file
@@ -206,7 +237,7 @@ class Engine:
                 return
             self._stopped.set()
         if self._started:
-            self.registry.hook.intu_engine_stopping(engine=self)
+            self.registry.hook.intu_engine_stopping(engine=self.view)
         # Sources stop in parallel with the delivery side: a source waits for its open
         # associations, and one of them may be our own destination's pooled association (a
         # channel feeding another channel), which only goes away when the destination closes.
@@ -236,10 +267,12 @@ class Engine:
 
     @staticmethod
     def _stop_source(channel: ChannelRuntime) -> None:
+        channel.state = ChannelState.STOPPING
         try:
             channel.source.stop()
         except Exception:
             log.exception("channel %s: source did not stop cleanly", channel.config.name)
+        channel.state = ChannelState.STOPPED
 
     def serve_forever(self) -> None:
         """Run until SIGINT or SIGTERM, then stop gracefully."""
@@ -262,7 +295,10 @@ class Engine:
     # -- the hand-over from a source -------------------------------------------------------
     def deliver(self, channel: ChannelRuntime, message: Message) -> Acceptance:
         """Run ``message`` through ``channel`` and keep it durably. Owns ``message.files`` from here."""
-        return self._accept(channel, message, replay=False)
+        channel.received.inc()
+        acceptance = self._accept(channel, message, replay=False)
+        channel.outcomes[acceptance.status].inc()
+        return acceptance
 
     def _accept(self, channel: ChannelRuntime, message: Message, *, replay: bool) -> Acceptance:
         """``replay``: the message is an errored entry being run through the channel again; its
@@ -301,7 +337,7 @@ class Engine:
             channel.logger.error("message %s refused: cannot store it: %s", message.id, exc)
             self._release(message.files)
             return Acceptance(AcceptanceStatus.BUSY, f"cannot store the message: {exc.strerror or exc}")
-        except sqlite3.OperationalError as exc:  # SQLITE_FULL is no OSError; a lock held too long
+        except QueueUnavailable as exc:  # e.g. SQLite's "database or disk is full" (no OSError)
             channel.logger.error("message %s refused: cannot queue it: %s", message.id, exc)
             self._release(message.files)
             return Acceptance(AcceptanceStatus.BUSY, f"cannot queue the message: {exc}")
@@ -391,6 +427,16 @@ class ChannelReplay:
 
     def close(self) -> None:
         pass
+
+
+def _outcome_counters(metrics: EngineMetrics, channel: str) -> dict[AcceptanceStatus, CounterChild]:
+    """The counter each ``Acceptance`` of ``channel``'s source adds to, bound once."""
+    return {
+        AcceptanceStatus.ACCEPTED: metrics.accepted.labels(channel),
+        AcceptanceStatus.FILTERED: metrics.filtered.labels(channel),
+        AcceptanceStatus.BUSY: metrics.refused.labels(channel, "busy"),
+        AcceptanceStatus.FAILED: metrics.refused.labels(channel, "failed"),
+    }
 
 
 def _with_files(message: Message, files: tuple[str, ...]) -> Message:

@@ -18,10 +18,15 @@ The engine calls these hooks:
   destination (``Destination.send(message) -> SendResult``) or the ``start``/``stop`` hooks of a
   source (``Source.start(deliver)``: the source calls ``deliver(message)`` and answers its sender
   from the ``Acceptance`` it returns).
+* ``intu_queue_backends`` when it loads plugins, to learn which ``queue: {backend: NAME}``
+  exist (see ``intu_core.queue``).
+* ``intu_settings_blocks`` when it loads plugins, to learn which top-level blocks of
+  ``intu.yaml`` plugins read (``metrics:``, say); each is parsed with the plugin's parser.
 * ``intu_write_message_file`` when the built-in ``file`` destination writes a message, so a
   plugin that knows a body format (the DICOM plugin: Part-10 files) can write it natively.
 * ``intu_cli_commands`` when the ``intu`` command line starts, to add sub-commands.
-* ``intu_engine_started`` and ``intu_engine_stopping`` around ``intu serve``.
+* ``intu_engine_started`` and ``intu_engine_stopping`` around ``intu serve``, with a read-only
+  ``EngineView`` (channels and their state, destinations, queue statistics, metrics, settings).
 """
 
 from __future__ import annotations
@@ -36,9 +41,10 @@ if TYPE_CHECKING:
 
     import click
 
-    from intu_core.engine import Engine
     from intu_core.message import Message
-    from intu_core.types import DestinationType, SourceType
+    from intu_core.queue import QueueBackend
+    from intu_core.types import DestinationType, SettingsBlock, SourceType
+    from intu_core.view import EngineView
 
 PROJECT = "intu"
 ENTRY_POINT_GROUP = "intu"
@@ -77,6 +83,39 @@ def intu_source_types() -> Sequence[SourceType]:
 
 
 @hookspec
+def intu_queue_backends() -> Sequence[QueueBackend]:
+    """Return the queue backends this plugin provides (same naming rules as the types).
+
+    Example::
+
+        @hookimpl
+        def intu_queue_backends():
+            return [QueueBackend(name="postgres", parse_settings=parse, open=open_postgres_queue)]
+
+    ``intu.yaml`` chooses one with ``queue: {backend: postgres, ...}``; the rest of that block is
+    given to ``parse_settings``. ``open(settings, runtime)`` returns a ``QueueStore`` (see
+    ``intu_core.queue``) that passes ``intu_core.testing.queue_contract.QueueContract``. Since 0.2.
+    """
+
+
+@hookspec
+def intu_settings_blocks() -> Sequence[SettingsBlock]:
+    """Return the top-level blocks of ``intu.yaml`` this plugin reads.
+
+    Example::
+
+        @hookimpl
+        def intu_settings_blocks():
+            return [SettingsBlock(key="metrics", parse_settings=parse_metrics_settings)]
+
+    A project with ``metrics: {port: 9464}`` then has the block parsed by ``parse_metrics_settings``
+    (problems reported with file, line and key path, like every other setting); the plugin reads
+    the result with ``engine.settings("metrics")`` in ``intu_engine_started``. A key may be
+    provided by one plugin only, and not be one of the core's own keys. Since 0.2.
+    """
+
+
+@hookspec
 def intu_cli_commands() -> Sequence[click.Command]:
     """Return ``click`` commands or groups to add to the ``intu`` command line.
 
@@ -98,10 +137,19 @@ def intu_write_message_file(message: Message, directory: Path) -> Path | None:
 
 
 @hookspec
-def intu_engine_started(engine: Engine) -> None:
-    """Called once every channel of ``intu serve`` is up and listening. Since 0.1."""
+def intu_engine_started(engine: EngineView) -> None:
+    """Called once every channel of ``intu serve`` is up and listening.
+
+    ``engine`` is a read-only ``EngineView``: ``channels()``, ``destinations()``,
+    ``queue_stats()``, ``metrics()``, ``data_dir`` and ``settings(key)``. Example: a plugin that
+    serves ``/metrics`` starts its HTTP server here with ``engine.settings("metrics")`` and
+    answers each request with ``engine.metrics()``. Since 0.1 (given an ``EngineView`` since 0.2).
+    """
 
 
 @hookspec
-def intu_engine_stopping(engine: Engine) -> None:
-    """Called when ``intu serve`` begins a graceful stop, before sources are stopped. Since 0.1."""
+def intu_engine_stopping(engine: EngineView) -> None:
+    """Called when ``intu serve`` begins a graceful stop, before sources are stopped.
+
+    ``engine`` is the same ``EngineView`` as in ``intu_engine_started``. Since 0.1.
+    """

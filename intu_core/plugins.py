@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+import click
 import pluggy
 
 from intu_core import hookspecs
-from intu_core.types import DestinationType, SourceType
+from intu_core.queue import QueueBackend
+from intu_core.types import DestinationType, SettingsBlock, SourceType
 
 try:  # the backport gives EntryPoint.dist on every supported Python
     import importlib_metadata as metadata
@@ -35,6 +37,8 @@ class PluginInfo:
     version: str
     destination_types: list[str] = field(default_factory=list)
     source_types: list[str] = field(default_factory=list)
+    queue_backends: list[str] = field(default_factory=list)
+    settings_blocks: list[str] = field(default_factory=list)  # top-level keys of intu.yaml
     commands: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -45,7 +49,7 @@ class PluginInfo:
 
 @dataclass(frozen=True)
 class Registered:
-    type: Any  # DestinationType | SourceType
+    type: Any  # DestinationType | SourceType | QueueBackend | SettingsBlock
     plugin: PluginInfo
 
 
@@ -58,6 +62,8 @@ class PluginRegistry:
         self.plugins: list[PluginInfo] = []
         self.destination_types: dict[str, Registered] = {}
         self.source_types: dict[str, Registered] = {}
+        self.queue_backends: dict[str, Registered] = {}
+        self.settings_blocks: dict[str, Registered] = {}  # by top-level key of intu.yaml
         # type name -> why it cannot be used (provided twice, ...)
         self.unusable: dict[tuple[str, str], str] = {}
         self._info_by_plugin: dict[int, PluginInfo] = {}
@@ -93,6 +99,8 @@ class PluginRegistry:
         """Ask every registered plugin for its types; duplicates make a type unusable."""
         self._collect("destination", "intu_destination_types", DestinationType, self.destination_types)
         self._collect("source", "intu_source_types", SourceType, self.source_types)
+        self._collect("queue", "intu_queue_backends", QueueBackend, self.queue_backends)
+        self._collect("settings", "intu_settings_blocks", SettingsBlock, self.settings_blocks)
 
     def _collect(self, kind: str, hook_name: str, expected: type, table: dict[str, Registered]) -> None:
         caller = getattr(self.pm.hook, hook_name)
@@ -110,12 +118,18 @@ class PluginRegistry:
                 log.debug("plugin %s failed:\n%s", info.name, traceback.format_exc())
                 continue
             for item in provided:
-                names = info.destination_types if kind == "destination" else info.source_types
+                names = {
+                    "destination": info.destination_types,
+                    "source": info.source_types,
+                    "queue": info.queue_backends,
+                    "settings": info.settings_blocks,
+                }[kind]
                 names.append(item.name)
                 if item.name in table:
                     first = table.pop(item.name).plugin
                     self.unusable[(kind, item.name)] = (
-                        f"{kind} type {item.name!r} is provided twice: by {first.label} and by "
+                        f"{_KIND_TEXT.get(kind, kind + ' type')} {item.name!r} is provided twice: by "
+                        f"{first.label} and by "
                         f"{info.label}; uninstall one of them"
                     )
                 elif (kind, item.name) not in self.unusable:
@@ -123,8 +137,15 @@ class PluginRegistry:
 
     # -- look-ups --------------------------------------------------------------------------
     def lookup(self, kind: str, name: str) -> tuple[Any | None, str]:
-        """The registered type, or None and a sentence saying why it is not available."""
-        table = self.destination_types if kind == "destination" else self.source_types
+        """The registered type, or None and a sentence saying why it is not available.
+
+        ``kind`` is ``"destination"``, ``"source"``, ``"queue"`` (a queue backend) or
+        ``"settings"`` (a top-level settings block, by key)."""
+        table = {
+            "destination": self.destination_types,
+            "queue": self.queue_backends,
+            "settings": self.settings_blocks,
+        }.get(kind, self.source_types)
         if name in table:
             return table[name].type, ""
         if (kind, name) in self.unusable:
@@ -148,7 +169,9 @@ class PluginRegistry:
                 reason += f"; install the plugin that provides it (e.g. pip install intu-{name}-{kind})"
         return None, reason
 
-    def commands(self) -> list[Any]:
+    def commands(self) -> list[click.Command]:
+        """Every plugin's click commands; a plugin whose hook fails or returns something else is
+        recorded as broken (its commands are left out) instead of breaking the command line."""
         found = []
         for impl in reversed(self.pm.hook.intu_cli_commands.get_hookimpls()):
             info = self._info_by_plugin.get(id(impl.plugin))
@@ -156,12 +179,19 @@ class PluginRegistry:
                 continue
             try:
                 cmds: list[Any] = list(impl.function() or ())  # type: ignore[call-overload]
+                for cmd in cmds:
+                    if not isinstance(cmd, click.Command):
+                        raise TypeError(f"returned {cmd!r}, expected a click.Command")
             except Exception as exc:
                 info.error = f"intu_cli_commands() failed: {type(exc).__name__}: {exc}"
                 continue
             info.commands = [c.name for c in cmds]
             found.extend(cmds)
         return found
+
+
+# How the duplicate-name message calls each kind of registration.
+_KIND_TEXT = {"settings": "settings block"}
 
 
 def _entry_points() -> Iterable[Any]:

@@ -11,26 +11,37 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from intu_core.config.keys import CORE_TOP_LEVEL_KEYS
 from intu_core.message import Acceptance, Message, SendResult
+from intu_core.metrics import MetricsRegistry
 
 if TYPE_CHECKING:
     from intu_core.config.section import Section
 
 _TYPE_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+_SETTINGS_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """What a destination or source is given when it is created."""
+    """What a destination or source is given when it is created.
+
+    ``metrics`` is the engine's ``MetricsRegistry``: count there what only the plugin knows
+    (bytes, associations), labelled by ``name``, e.g.
+    ``runtime.metrics.counter("intu_bytes_sent_total", "...", ["destination"]).labels(runtime.name)``
+    once at creation, then ``.inc(n)`` per message (see ``docs/plugins.md`` for the engine's
+    families). Outside an engine (tests) it is a registry of its own.
+    """
 
     name: str  # the destination's name, or the channel's name for a source
     data_dir: Path  # the engine's data directory; a plugin keeps its files under it
     logger: logging.Logger
     hook: Any = None  # the plugin manager's hook relay, to call other plugins' hooks
+    metrics: MetricsRegistry = field(default_factory=MetricsRegistry)
 
     @property
     def spool_dir(self) -> Path:
@@ -109,3 +120,32 @@ class SourceType:
 
     def __post_init__(self) -> None:
         _check_name("source", self.name)
+
+
+@dataclass(frozen=True)
+class SettingsBlock:
+    """A top-level block of ``intu.yaml`` that a plugin provides, e.g. ``metrics: {port: 9464}``.
+
+    ``parse_settings(section)`` reads the block (only when the project has it) and returns a
+    settings object, reporting problems through ``section``; the result is
+    ``Project.plugin_settings[key]`` and ``EngineView.settings(key)``. ``key`` is lowercase
+    (``[a-z][a-z0-9_]*``) and cannot be one of the core's own keys (``CORE_TOP_LEVEL_KEYS``).
+    """
+
+    key: str
+    parse_settings: Callable[[Section], Any]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not _SETTINGS_KEY.match(self.key):
+            raise ValueError(
+                f"settings block key {self.key!r} must be lowercase letters, digits or '_', starting"
+                " with a letter"
+            )
+        if self.key in CORE_TOP_LEVEL_KEYS:
+            raise ValueError(f"settings block key {self.key!r} is one of intu.yaml's own keys")
+
+    @property
+    def name(self) -> str:
+        """The key, under the name every registration has (for the registry's messages)."""
+        return self.key

@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+# The queue contract's asserts live in a library module: have pytest explain them as in a test.
+pytest.register_assert_rewrite("intu_core.testing.queue_contract")
+
 
 @pytest.fixture
 def site(tmp_path, monkeypatch):

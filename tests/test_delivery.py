@@ -294,3 +294,20 @@ def test_parse_retry_and_queue_report_problems() -> None:
     assert len(q.problems) == 2
     ok = section({"max_attempts": 10, "backoff": "linear", "initial_delay_ms": 500, "max_delay_ms": 30000})
     assert parse_retry(ok) == RetryPolicy(10, "linear", 500, 30_000, 0.2) and not ok.problems
+
+
+def test_workers_renew_the_lease_of_an_entry_while_its_send_takes_long(tmp_path, running) -> None:
+    engine_store, other_engine = SqliteQueueStore(tmp_path), SqliteQueueStore(tmp_path, node_id="other")
+    dest = ScriptedDestination()
+    dest.gate = threading.Event()
+    [entry_id] = enqueue(engine_store, 1)
+    workers = running(engine_store, "pacs", dest, FAST, 1, lease_s=0.3)
+    assert dest.started.wait(5)
+    time.sleep(1.0)  # three leases long: unrenewed, the entry would be free for another engine
+    assert other_engine.claim("pacs") is None
+    dest.gate.set()
+    wait_for(lambda: workers.counts["delivered"] == 1)
+    assert engine_store.get(entry_id) is None and engine_store.stats()[0].recovered == 0
+    assert workers.stop(5)
+    other_engine.close()
+    engine_store.close()

@@ -130,6 +130,45 @@ def test_intu_plugins_lists_plugins_versions_and_types(site):
     assert "destination types: nothing" in result.output
 
 
+NOT_A_COMMAND_PLUGIN = """
+import click
+from intu_core import hookimpl
+
+@click.command()
+def fine():
+    "A command that works."
+
+@hookimpl
+def intu_cli_commands():
+    return [fine, "not a command"]
+"""
+
+
+def test_a_plugin_returning_something_else_than_a_click_command_is_reported(site):
+    fake_distribution(
+        site,
+        "intu-badcli",
+        "0.3",
+        {"badcli": "fakeplugin_badcli"},
+        {"fakeplugin_badcli": NOT_A_COMMAND_PLUGIN},
+    )
+    registry = load_plugins()
+    assert "fine" not in [c.name for c in registry.commands()]  # a broken plugin adds no command
+    (bad,) = [p for p in registry.plugins if p.distribution == "intu-badcli"]
+    assert bad.error == (
+        "intu_cli_commands() failed: TypeError: returned 'not a command', expected a click.Command"
+    )
+
+    helped = CliRunner().invoke(cli, ["--help"])
+    assert helped.exit_code == 0, helped.output
+    assert "validate" in helped.output and "fine" not in helped.output
+    listed = CliRunner().invoke(cli, ["plugins"])
+    assert listed.exit_code == 0, listed.output
+    assert "intu-badcli 0.3 (entry point 'badcli')\n  ERROR: intu_cli_commands() failed: TypeError" in (
+        listed.output
+    )
+
+
 def test_the_documented_example_plugin_installs_and_runs(tmp_path):
     """docs/example-plugin is a complete third-party plugin: install it for real and run a channel."""
     target = tmp_path / "site"

@@ -4,29 +4,43 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
 from intu_core.config.problems import ConfigError, Problem
+from intu_core.config.project import Project, load_project
+from intu_core.hookspecs import hookimpl
 from intu_core.message import Message, SendResult
-from intu_core.queue import EntryState, channel_queue
+from intu_core.plugins import PluginRegistry
+from intu_core.queue import EntryState, QueueBackend, QueueRuntime, QueueStore, channel_queue
 from intu_core.queue.commands import queue
-from intu_core.queue.sqlite import SqliteQueueStore
+from intu_core.queue.sqlite import SqliteQueueStore, SqliteSettings, open_sqlite, parse_sqlite_settings
+from intu_core.testing import registry_with
 
 
 class State:
-    """What the intu CLI puts in ctx.obj: something with data_dir()."""
+    """What the intu CLI puts in ctx.obj: something with project() and registry(); the project's
+    intu.yaml (all defaults) is next to its data folder, ``data_dir``."""
 
     def __init__(self, data_dir: Path) -> None:
-        self._data_dir = data_dir
+        self.root = data_dir.parent
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "intu.yaml").write_text(f"data_dir: {data_dir.name}\n")
 
-    def data_dir(self) -> Path:
-        return self._data_dir
+    def registry(self) -> PluginRegistry:
+        return registry_with()
+
+    def project(self) -> Project:
+        return load_project(self.root, self.registry())
 
 
 class BrokenState:
-    def data_dir(self) -> Path:
+    def registry(self) -> PluginRegistry:
+        return registry_with()
+
+    def project(self) -> Project:
         raise ConfigError([Problem(Path("intu.yaml"), "data_dir", "expected a string, found a list", 3)])
 
 
@@ -129,6 +143,9 @@ def test_show_prints_history_and_a_body_summary(data_dir: Path, filled: dict[str
     assert message["body"]["big"] == "<text, 500 characters>"
     full = json.loads(run(data_dir, "show", filled["pending"], "--body").output)
     assert full["message"]["body"]["dataset"]["00100020"]["Value"] == ["P1"]
+    flying = json.loads(run(data_dir, "show", filled["flying"]).output)
+    assert flying["state"] == "in_flight" and flying["leased_to"].startswith("sqlite-")
+    assert flying["lease_expires_at"].endswith("+00:00") and "leased_to" not in data
     missing = run(data_dir, "show", "nope")
     assert missing.exit_code == 1 and "no queue entry nope" in missing.output
 
@@ -180,3 +197,27 @@ def test_retry_all_errored(data_dir: Path, filled: dict[str, str]) -> None:
     assert store.get(filled["errored"]).state is EntryState.PENDING  # type: ignore[union-attr]
     assert store.get(filled["dead"]).state is EntryState.DEAD  # type: ignore[union-attr]
     store.close()
+
+
+def test_the_commands_open_the_backend_chosen_in_intu_yaml(data_dir: Path, filled: dict[str, str]) -> None:
+    """`intu queue` knows no backend: it opens whatever `queue: {backend: ...}` names, for looking."""
+    opened: list[QueueRuntime] = []
+
+    def open_spy(settings: SqliteSettings, runtime: QueueRuntime) -> QueueStore:
+        opened.append(runtime)
+        return open_sqlite(settings, runtime)
+
+    @hookimpl
+    def intu_queue_backends() -> list[QueueBackend]:
+        return [QueueBackend("spy", parse_sqlite_settings, open_spy)]
+
+    class SpyState(State):
+        def registry(self) -> PluginRegistry:
+            return registry_with(SimpleNamespace(intu_queue_backends=intu_queue_backends, __name__="spy"))
+
+    state = SpyState(data_dir)
+    (state.root / "intu.yaml").write_text(f"data_dir: {data_dir.name}\nqueue: {{backend: spy}}\n")
+    result = run(data_dir, "list", "--json", obj=state)
+    assert result.exit_code == 0, result.output
+    assert {s["queue"] for s in json.loads(result.output)} == {"pacs", "archive", "channel:router"}
+    assert opened == [QueueRuntime(data_dir, None, create=False)]

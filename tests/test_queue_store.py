@@ -1,17 +1,30 @@
-"""The SQLite queue store: durability, claiming, states, file reference counts."""
+"""The SQLite queue backend: the queue contract, plus what only SQLite has (WAL, fsync, schema
+upgrades, a full database, its registration and settings)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from intu_core.message import Message, SendResult
-from intu_core.queue import EntryState, QueueStore, channel_queue
-from intu_core.queue.sqlite import SqliteQueueStore
+from intu_core.config.problems import ConfigError
+from intu_core.config.project import load_project
+from intu_core.message import AcceptanceStatus, Message, SendResult
+from intu_core.queue import EntryState, QueueNotFound, QueueStore, QueueUnavailable
+from intu_core.queue.opener import open_queue
+from intu_core.queue.sqlite import DB_NAME, SCHEMA_VERSION, SqliteQueueStore, SqliteSettings
+from intu_core.testing import engine_deliver, manual_source, registry_with, running_engine
+from intu_core.testing.queue_contract import QueueContract, msg
+
+
+class TestSqliteQueueStore(QueueContract):
+    """The contract every backend passes, run on SQLite."""
+
+    def open_store(self, place: Path, *, node_id: str | None = None) -> QueueStore:
+        return SqliteQueueStore(place, node_id=node_id)
 
 
 @pytest.fixture
@@ -21,238 +34,54 @@ def store(tmp_path: Path):
     s.close()
 
 
-def msg(n: int = 0, files: tuple[str, ...] = ()) -> Message:
-    return Message(body={"n": n, "text": "é"}, channel="ch", metadata={"peer": "MOD1"}, files=files)
-
-
-def make_file(tmp_path: Path, name: str) -> str:
-    path = tmp_path / name
-    path.write_bytes(b"DICM")
-    return str(path)
-
-
-def test_it_is_a_queue_store_in_wal_mode_with_full_sync(store: SqliteQueueStore) -> None:
-    assert isinstance(store, QueueStore)
+def test_it_is_in_wal_mode_with_full_sync(store: SqliteQueueStore) -> None:
     conn = sqlite3.connect(store.path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     conn.close()
     with store._read() as c:
         assert c.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-
-
-def test_entries_survive_close_and_reopen(tmp_path: Path) -> None:
-    store = SqliteQueueStore(tmp_path)
-    ids = store.enqueue([("pacs", msg(1)), ("archive", msg(1))])
-    store.close()
-
-    again = SqliteQueueStore(tmp_path)
-    entry = again.get(ids[0])
-    assert entry is not None
-    assert entry.queue == "pacs" and entry.state is EntryState.PENDING and entry.attempts == 0
-    assert entry.message.body == {"n": 1, "text": "é"}
-    assert entry.message.metadata == {"peer": "MOD1"}
-    assert again.size("pacs") == 1 and again.size("archive") == 1
-    claimed = again.claim("pacs")
-    assert claimed is not None and claimed.id == ids[0] and claimed.state is EntryState.IN_FLIGHT
-    again.close()
-
-
-def test_claim_is_oldest_first_and_respects_next_attempt_at(store: SqliteQueueStore) -> None:
-    ids = store.enqueue([("q", msg(i)) for i in range(3)])
-    first = store.claim("q")
-    assert first is not None and first.id == ids[0]
-    store.retry_later(first.id, SendResult.retryable("busy"), at=time.time() + 60)
-    assert [store.claim("q").id, store.claim("q").id] == ids[1:]  # type: ignore[union-attr]
-    assert store.claim("q") is None
-    assert store.next_due("q") == pytest.approx(time.time() + 60, abs=5)
-    later = store.claim("q", now=time.time() + 61)
-    assert later is not None and later.id == ids[0] and later.attempts == 1
-    assert store.next_due("q") is None
-    assert store.claim("other") is None
-
-
-def test_recover_after_a_crash_puts_in_flight_entries_back(tmp_path: Path) -> None:
-    store = SqliteQueueStore(tmp_path)
-    ids = store.enqueue([("q", msg(i)) for i in range(3)])
+    store.enqueue([("q", msg())])
     assert store.claim("q") is not None
-    assert store.claim("q") is not None
-    # Simulate kill -9: the connection goes away without any further bookkeeping.
-    store._conn.close()
-
-    again = SqliteQueueStore(tmp_path)
-    assert again.recover() == 2
-    assert again.recover() == 0
-    assert [e.state for e in again.list_entries("q")] == [EntryState.PENDING] * 3
-    assert again.claim("q").id == ids[0]  # type: ignore[union-attr]
-    [stats] = again.stats()
-    assert stats.recovered == 2 and stats.in_flight == 1 and stats.pending == 2
-    again.close()
+    with store._read() as c:  # back to FULL after the claim's unsynced commit
+        assert c.execute("PRAGMA synchronous").fetchone()[0] == 2
 
 
-def test_concurrent_claims_never_hand_out_an_entry_twice(store: SqliteQueueStore) -> None:
-    total = 400
-    store.enqueue([("q", msg(i)) for i in range(total)])
-    claimed: list[list[str]] = [[] for _ in range(8)]
-    start = threading.Barrier(8)
-
-    def worker(i: int) -> None:
-        start.wait()
-        while (entry := store.claim("q")) is not None:
-            claimed[i].append(entry.id)
-            store.complete(entry.id, SendResult.success())
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    every = [e for c in claimed for e in c]
-    assert len(every) == total and len(set(every)) == total
-    assert store.size("q") == 0
-    assert store.stats()[0].delivered == total
-
-
-def test_claims_from_two_processes_worth_of_connections(tmp_path: Path) -> None:
-    # Two stores on one database behave like the engine and `intu queue` in another process.
-    a, b = SqliteQueueStore(tmp_path), SqliteQueueStore(tmp_path)
-    a.enqueue([("q", msg(i)) for i in range(50)])
-    got: list[str] = []
-    lock = threading.Lock()
-
-    def drain(s: SqliteQueueStore) -> None:
-        while (entry := s.claim("q")) is not None:
-            with lock:
-                got.append(entry.id)
-
-    threads = [threading.Thread(target=drain, args=(s,)) for s in (a, b, a, b)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(got) == 50 == len(set(got))
-    a.close()
-    b.close()
+def test_claims_look_up_entries_through_indexes(store: SqliteQueueStore) -> None:
+    # A claim runs for every message sent: both its look-ups must be index searches, never scans
+    # (expired leases are sorted, but among the in-flight entries of one queue only: a handful).
+    with store._read() as c:
+        plans = [
+            " ".join(row[3] for row in c.execute(f"EXPLAIN QUERY PLAN {query}", params))
+            for query, params in [
+                (
+                    "SELECT seq FROM entries WHERE queue = ? AND state = 'in_flight'"
+                    " AND lease_expires_at < ? ORDER BY lease_expires_at LIMIT 1",
+                    ("q", 0.0),
+                ),
+                (
+                    "SELECT seq FROM entries WHERE queue = ? AND state = 'pending'"
+                    " AND next_attempt_at <= ? ORDER BY next_attempt_at, seq LIMIT 1",
+                    ("q", 0.0),
+                ),
+            ]
+        ]
+    assert all(
+        p.startswith("SEARCH entries USING") and "entries_by_queue (queue=? AND state=?" in p for p in plans
+    )
+    assert "TEMP B-TREE" not in plans[1], plans
 
 
-def test_files_are_deleted_after_the_last_entry_completes(tmp_path: Path, store: SqliteQueueStore) -> None:
-    f = make_file(tmp_path, "instance.dcm")
-    ids = store.enqueue([("pacs", msg(1, (f,))), ("archive", msg(1, (f,)))])
-    e1 = store.claim("pacs")
-    assert e1 is not None and store.complete(e1.id, SendResult.success())
-    assert Path(f).exists()  # the archive copy still needs it
-    e2 = store.claim("archive")
-    assert e2 is not None and e2.id == ids[1]
-    assert store.complete(e2.id, SendResult.success())
-    assert not Path(f).exists()
-    assert store.complete(e2.id, SendResult.success()) is False  # already gone: nothing happens
-
-
-def test_files_are_deleted_after_the_last_entry_is_purged(tmp_path: Path, store: SqliteQueueStore) -> None:
-    f = make_file(tmp_path, "a.dcm")
-    store.enqueue([("pacs", msg(1, (f,))), ("archive", msg(1, (f,)))])
-    e = store.claim("pacs")
-    assert e is not None
-    store.dead_letter(e.id, SendResult.permanent("rejected", code=0xA900))
-    assert store.purge(queue="pacs") == 1
-    assert Path(f).exists()
-    # An in-flight entry is never purged.
-    assert store.claim("archive") is not None
-    assert store.purge(queue="archive") == 0
-    assert Path(f).exists()
-    with pytest.raises(ValueError):
-        store.purge(state=EntryState.IN_FLIGHT)
-
-
-def test_dead_and_errored_entries_keep_their_files(tmp_path: Path, store: SqliteQueueStore) -> None:
-    f, g = make_file(tmp_path, "f.dcm"), make_file(tmp_path, "g.dcm")
-    store.enqueue([("pacs", msg(1, (f,)))])
-    e = store.claim("pacs")
-    assert e is not None
-    store.dead_letter(e.id, SendResult.permanent("no"))
-    err_id = store.record_error(msg(2, (g,)), channel_queue("router"), "Traceback ...\nKeyError: 'x'")
-    assert Path(f).exists() and Path(g).exists()
-    # Files of entries are not released by the engine's hand-over clean-up, others are.
-    other = make_file(tmp_path, "filtered.dcm")
-    assert store.release_files([f, g, other]) == 1
-    assert Path(f).exists() and Path(g).exists() and not Path(other).exists()
-    errored = store.get(err_id)
-    assert errored is not None and errored.state is EntryState.ERRORED
-    assert errored.last_error.endswith("KeyError: 'x'")
-    assert store.purge(state=EntryState.ERRORED) == 1
-    assert not Path(g).exists() and Path(f).exists()
-
-
-def test_retry_later_records_history_and_attempts(store: SqliteQueueStore) -> None:
-    [entry_id] = store.enqueue([("q", msg())])
-    for n in range(1, 3):
-        e = store.claim("q", now=time.time() + 3600 * n)
-        assert e is not None and e.attempts == n - 1
-        assert store.retry_later(e.id, SendResult.retryable(f"busy {n}", code=0xA700), time.time())
-    e = store.get(entry_id)
-    assert e is not None and e.state is EntryState.PENDING and e.attempts == 2
-    assert [h["detail"] for h in e.history] == ["busy 1", "busy 2"]
-    assert e.history[0]["status"] == "retryable" and e.history[0]["code"] == 0xA700
-    assert e.last_error == "busy 2"
-    # Not in flight any more: a late result changes nothing.
-    assert store.retry_later(entry_id, SendResult.retryable("late"), time.time()) is False
-    assert store.complete(entry_id) is False
-
-
-def test_dead_letter_and_retry(store: SqliteQueueStore) -> None:
-    ids = store.enqueue([("q", msg(i)) for i in range(3)])
-    for _ in range(2):
-        e = store.claim("q")
-        assert e is not None
-        store.dead_letter(e.id, SendResult.permanent("unknown SOP class", code=0xA900))
-    dead = store.list_entries("q", EntryState.DEAD)
-    assert [d.id for d in dead] == ids[:2]
-    assert dead[0].attempts == 1 and dead[0].last_error == "unknown SOP class"
-    assert store.dead_letter(ids[2], "destination removed from intu.yaml")  # pending → dead, a note
-    assert store.get(ids[2]).attempts == 0  # type: ignore[union-attr]
-
-    assert store.retry(entry_ids=[ids[0]]) == 1
-    again = store.get(ids[0])
-    assert again is not None and again.state is EntryState.PENDING and again.attempts == 0
-    assert again.history[-1]["detail"] == "retried by an operator"
-    assert store.retry(queue="q") == 2
-    assert store.retry(queue="q") == 0
-    assert store.size("q") == 3
-
-
-def test_retry_of_errored_entries(store: SqliteQueueStore) -> None:
-    in_channel = store.record_error(msg(1), channel_queue("router"), "boom")
-    in_dest = store.record_error(msg(2), "pacs", "destination transformer: boom")
-    assert store.retry(state=EntryState.DEAD) == 0
-    assert store.retry(state=None) == 2
-    assert store.get(in_dest).state is EntryState.PENDING  # type: ignore[union-attr]
-    # The engine's replay worker of the channel picks this one up and runs it through the channel.
-    assert store.get(in_channel).state is EntryState.PENDING  # type: ignore[union-attr]
-    with pytest.raises(ValueError):
-        store.retry(state=EntryState.PENDING)
-
-
-def test_stats_and_listing(store: SqliteQueueStore) -> None:
-    store.enqueue([("a", msg(1)), ("b", msg(1))])
-    store.enqueue([("a", msg(2))])
-    e = store.claim("a")
-    assert e is not None
-    store.record_error(msg(3), channel_queue("ch"), "boom")
-    stats = {s.queue: s for s in store.stats()}
-    assert set(stats) == {"a", "b", "channel:ch"}
-    assert (stats["a"].pending, stats["a"].in_flight, stats["a"].depth) == (1, 1, 2)
-    assert stats["a"].oldest_age_s is not None and 0 <= stats["a"].oldest_age_s < 60
-    assert stats["channel:ch"].errored == 1 and stats["channel:ch"].oldest_age_s is None
-    assert len(store.list_entries()) == 4
-    assert len(store.list_entries(limit=2)) == 2
-    assert [x.queue for x in store.list_entries(state=EntryState.IN_FLIGHT)] == ["a"]
-
-
-def test_a_message_that_cannot_be_stored_stores_nothing_of_its_fan_out(store: SqliteQueueStore) -> None:
-    bad = Message(body={"x": object()})
-    with pytest.raises(TypeError, match="not JSON-serialisable"):
-        store.enqueue([("a", msg(1)), ("b", bad)])
-    assert store.stats() == []
-    assert store.enqueue([]) == []
+def test_the_node_id_is_kept_in_the_database(tmp_path: Path) -> None:
+    first = SqliteQueueStore(tmp_path / "a")
+    second = SqliteQueueStore(tmp_path / "b")
+    assert first.node_id != second.node_id  # one per data folder
+    first.close()
+    second.close()
+    (tmp_path / "a").rename(tmp_path / "moved")
+    moved = SqliteQueueStore(tmp_path / "moved")
+    assert moved.node_id == first.node_id  # stable when the folder moves
+    moved.close()
 
 
 def test_history_is_capped(store: SqliteQueueStore) -> None:
@@ -264,3 +93,248 @@ def test_history_is_capped(store: SqliteQueueStore) -> None:
     e = store.get(entry_id)
     assert e is not None and e.attempts == 60 and len(e.history) == 50
     assert e.history[-1]["detail"] == "try 59"
+
+
+# -- upgrading a database of an earlier intu -------------------------------------------------
+V1_SCHEMA = """
+CREATE TABLE entries (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, queue TEXT NOT NULL, state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, last_error TEXT NOT NULL DEFAULT '', history TEXT NOT NULL DEFAULT '[]',
+    files TEXT NOT NULL DEFAULT '[]', message TEXT NOT NULL
+);
+CREATE INDEX entries_by_queue ON entries (queue, state, next_attempt_at, seq);
+CREATE TABLE files (path TEXT PRIMARY KEY, refs INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE counters (
+    queue TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL, PRIMARY KEY (queue, name)
+) WITHOUT ROWID;
+PRAGMA user_version = 1;
+"""
+
+
+def write_v1_database(data_dir: Path, spooled: str) -> None:
+    """A queue.db as intu 0.1 left it: a pending entry and one in flight when it was killed."""
+    data_dir.mkdir(parents=True)
+    conn = sqlite3.connect(data_dir / DB_NAME)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(V1_SCHEMA)
+    now = time.time()
+    for entry_id, state in (("old-pending", "pending"), ("old-flying", "in_flight")):
+        message = Message(body={"id": entry_id}, files=(spooled,))
+        conn.execute(
+            "INSERT INTO entries (id, queue, state, next_attempt_at, created_at, updated_at, files, message)"
+            " VALUES (?, 'pacs', ?, ?, ?, ?, ?, ?)",
+            (entry_id, state, now, now, now, json.dumps([spooled]), json.dumps(message.to_json())),
+        )
+    conn.execute("INSERT INTO files VALUES (?, 2)", (spooled,))
+    conn.execute("INSERT INTO counters VALUES ('pacs', 'delivered', 7)")
+    conn.commit()
+    conn.close()
+
+
+def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    spooled = tmp_path / "spooled.dcm"
+    spooled.write_bytes(b"DICM")
+    data_dir = tmp_path / "data"
+    write_v1_database(data_dir, str(spooled))
+
+    store = SqliteQueueStore(data_dir)
+    with store._read() as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == 2
+    # What was in flight when the old engine stopped is sent again, as before leases.
+    assert store.recover() == 1
+    [stats] = store.stats()
+    assert (stats.pending, stats.in_flight, stats.delivered, stats.recovered) == (2, 0, 7, 1)
+    first, second = store.claim("pacs"), store.claim("pacs")
+    assert first is not None and second is not None
+    assert {first.id, second.id} == {"old-pending", "old-flying"}
+    assert store.renew([first.id, second.id]) == 2
+    assert store.complete(first.id, SendResult.success()) and store.complete(second.id, SendResult.success())
+    assert not spooled.exists()  # the old reference counts carried over
+    node = store.node_id
+    store.close()
+    again = SqliteQueueStore(data_dir)  # upgraded once: the same node, nothing to migrate
+    assert again.node_id == node
+    again.close()
+
+
+def test_a_database_of_a_newer_intu_is_refused(tmp_path: Path) -> None:
+    SqliteQueueStore(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / DB_NAME)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(RuntimeError, match="newer than this intu understands"):
+        SqliteQueueStore(tmp_path)
+
+
+# -- a full database -------------------------------------------------------------------------
+def fill_up(store: SqliteQueueStore) -> None:
+    """Make the database full as a full disk would: SQLite's own SQLITE_FULL at the next page."""
+    with store._read() as c:
+        pages = c.execute("PRAGMA page_count").fetchone()[0]
+        c.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_a_full_database_is_unavailable_and_keeps_nothing_half_written(store: SqliteQueueStore) -> None:
+    [kept] = store.enqueue([("q", msg(1))])
+    fill_up(store)
+    big = Message(body={"pad": "x" * 20_000})
+    with pytest.raises(QueueUnavailable, match="full"):
+        store.enqueue([("q", big), ("r", big)])
+    with pytest.raises(QueueUnavailable):
+        store.record_error(big, "q", "boom")
+    assert [e.id for e in store.list_entries()] == [kept]  # reading still works
+    entry = store.claim("q")  # and so do claims and results that need no new page
+    assert entry is not None and store.complete(entry.id, SendResult.success())
+    with store._read() as c:  # the disk has room again: the same store goes on, no reopening
+        c.execute("PRAGMA max_page_count = 1073741823")
+    assert store.enqueue([("q", big)])
+
+
+def test_queue_database_full_at_enqueue_answers_busy_and_releases_the_files(tmp_path: Path) -> None:
+    """SQLite reports a full disk as ``sqlite3.OperationalError`` ("database or disk is full"), not
+    as an OSError: the backend turns it into ``QueueUnavailable``, and the source must still answer
+    "out of resources" (0xA700), not a processing failure, and keep no file of the refused message.
+    The database is made full for real (``max_page_count``), not by a mock."""
+    (tmp_path / "intu.yaml").write_text(
+        "destinations:\n  archive:\n    type: file\n    file: {directory: out}\n"
+        "    queue: {enabled: true, threads: 1}\n"
+    )
+    channel = tmp_path / "channels" / "inbound"
+    channel.mkdir(parents=True)
+    (channel / "channel.yaml").write_text("source: {type: manual}\ndestinations: [archive]\n")
+    attachment = tmp_path / "attachment.bin"
+    attachment.write_bytes(b"pixels")
+    with running_engine(tmp_path, registry_with(manual_source)) as engine:
+        assert isinstance(engine.store, SqliteQueueStore)
+        fill_up(engine.store)
+        body = {"pad": "x" * 20_000}
+        result = engine_deliver(engine, "inbound", Message(body=body, files=(str(attachment),)))
+    assert result.status is AcceptanceStatus.BUSY, result
+    assert "cannot queue the message" in result.detail and "full" in result.detail
+    assert not attachment.exists()
+
+
+def test_a_result_that_cannot_be_recorded_for_a_while_is_recorded_later(tmp_path: Path) -> None:
+    """Without retrying the record, the entry stayed in flight (never re-claimed) until a restart."""
+    from intu_core.delivery import DeliveryWorkers, RetryPolicy
+
+    class FlakyStore(SqliteQueueStore):
+        failures = {"complete": 2, "retry_later": 2}
+
+        def _maybe_fail(self, name: str) -> None:
+            if self.failures[name] > 0:
+                self.failures[name] -= 1
+                raise QueueUnavailable("database or disk is full")
+
+        def complete(self, entry_id, result=None):  # type: ignore[no-untyped-def]
+            self._maybe_fail("complete")
+            return super().complete(entry_id, result)
+
+        def retry_later(self, entry_id, result, at):  # type: ignore[no-untyped-def]
+            self._maybe_fail("retry_later")
+            return super().retry_later(entry_id, result, at)
+
+    class Destination:
+        def __init__(self) -> None:
+            self.sent: list[int] = []
+
+        def send(self, message: Message) -> SendResult:
+            self.sent.append(message.body["n"])
+            if message.body["n"] == 2 and self.sent.count(2) == 1:
+                return SendResult.retryable("busy", code=0xA700)
+            return SendResult.success()
+
+        def close(self) -> None:
+            pass
+
+    store = FlakyStore(tmp_path)
+    destination = Destination()
+    policy = RetryPolicy(max_attempts=0, backoff="constant", initial_delay_ms=10, max_delay_ms=10, jitter=0)
+    workers = DeliveryWorkers(store, "pacs", destination, policy, 1, idle_recheck_s=60)  # type: ignore[arg-type]
+    workers.start()
+    try:
+        store.enqueue([("pacs", Message(body={"n": n})) for n in (1, 2)])
+        workers.notify()
+        deadline = time.monotonic() + 10
+        while store.size("pacs") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.size("pacs") == 0, "both entries recorded as delivered"
+    finally:
+        assert workers.stop(5)
+        store.close()
+    assert sorted(destination.sent) == [1, 2, 2], "no re-send of an entry that was already sent"
+
+
+def test_opening_the_queue_does_not_write(tmp_path: Path) -> None:
+    """`intu queue list` opens the store: it must neither need disk space nor wait for the
+    engine's write lock (before the fix, every open ran a write transaction)."""
+    SqliteQueueStore(tmp_path).close()
+    engine = sqlite3.connect(tmp_path / "queue.db", isolation_level=None)
+    engine.execute("BEGIN IMMEDIATE")  # the engine in the middle of a write
+    try:
+        started = time.monotonic()
+        with SqliteQueueStore(tmp_path, busy_timeout_ms=300) as store:
+            assert store.stats() == []
+        assert time.monotonic() - started < 0.3
+    finally:
+        engine.execute("ROLLBACK")
+        engine.close()
+
+
+# -- registration, settings and the opener ----------------------------------------------------
+def project_at(tmp_path: Path, intu_yaml: str = ""):  # type: ignore[no-untyped-def]
+    (tmp_path / "intu.yaml").write_text(intu_yaml)
+    return load_project(tmp_path, registry_with())
+
+
+def test_sqlite_is_the_default_backend_and_registers_like_any_plugin(tmp_path: Path) -> None:
+    registry = registry_with()
+    assert registry.queue_backends["sqlite"].plugin.distribution == "intu-core"
+    project = project_at(tmp_path)
+    assert project.queue.backend == "sqlite" and project.queue.settings == SqliteSettings()
+    project = project_at(tmp_path, "queue: {backend: sqlite, busy_timeout_ms: 500}\n")
+    assert project.queue.settings == SqliteSettings(busy_timeout_ms=500)
+
+
+@pytest.mark.parametrize(
+    ("intu_yaml", "expected"),
+    [
+        (
+            "queue:\n  backend: sqlit\n",
+            "intu.yaml:2: queue.backend: unknown queue type 'sqlit'; installed queue types: sqlite"
+            " (intu-core) (did you mean 'sqlite'?)",
+        ),
+        (
+            "queue:\n  backend: postgres\n  dsn: x\n",
+            "intu.yaml:2: queue.backend: unknown queue type 'postgres'; installed queue types: sqlite"
+            " (intu-core); install the plugin that provides it (e.g. pip install intu-postgres-queue)",
+        ),
+        (
+            "queue:\n  busy_timeout: 10\n",
+            "intu.yaml:2: queue.busy_timeout: unknown key 'busy_timeout' (did you mean 'busy_timeout_ms'?)",
+        ),
+        (
+            "queue:\n  busy_timeout_ms: soon\n",
+            "intu.yaml:2: queue.busy_timeout_ms: expected an integer of at least 0, found 'soon'",
+        ),
+    ],
+)
+def test_queue_settings_errors_say_where(tmp_path: Path, intu_yaml: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        project_at(tmp_path, intu_yaml)
+    assert [str(p).replace(f"{tmp_path}/", "") for p in err.value.problems] == [expected]
+
+
+def test_open_queue_creates_only_when_asked(tmp_path: Path) -> None:
+    project = project_at(tmp_path)
+    with pytest.raises(QueueNotFound, match="no queue database yet at"):
+        open_queue(project, registry_with(), create=False)
+    assert not project.data_dir.exists()  # looking creates nothing
+    store = open_queue(project, registry_with())
+    assert isinstance(store, SqliteQueueStore) and store.path == project.data_dir / DB_NAME
+    store.enqueue([("q", msg())])
+    store.close()
+    looking = open_queue(project, registry_with(), create=False, node_id="operator")
+    assert looking.node_id == "operator" and looking.list_entries()[0].state is EntryState.PENDING
+    looking.close()

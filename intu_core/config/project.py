@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from intu_core.config.keys import CORE_TOP_LEVEL_KEYS
 from intu_core.config.problems import ConfigError, Problems
 from intu_core.config.section import Section, did_you_mean
 from intu_core.config.yamlfile import line_of, load_yaml, read_dotenv
@@ -23,6 +24,7 @@ CHANNEL_FILE = "channel.yaml"
 # Stage files picked up by convention when channel.yaml does not name them.
 DEFAULT_TRANSFORMER = "transformer.py"
 DEFAULT_FILTER = "filter.py"
+DEFAULT_QUEUE_BACKEND = "sqlite"
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,15 @@ class DestinationConfig:
     queue: QueueSettings
     retry: RetryPolicy
     file: Path
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """The top-level ``queue:`` block: which backend keeps the queues, and its own settings
+    (parsed by the backend; None when the backend is not installed)."""
+
+    backend: str = DEFAULT_QUEUE_BACKEND
+    settings: Any = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,11 @@ class Project:
     data_dir: Path
     min_free_disk_mb: int
     destinations: Mapping[str, DestinationConfig]
+    queue: QueueConfig
     channels: tuple[ChannelConfig, ...] = field(default_factory=tuple)
+    # The top-level blocks that plugins contribute (intu_settings_blocks), parsed, by key; only
+    # those the project has.
+    plugin_settings: Mapping[str, Any] = field(default_factory=dict)
 
     def destination(self, name: str) -> DestinationConfig:
         try:
@@ -102,6 +117,7 @@ def load_project(path: Path, registry: PluginRegistry, env: Mapping[str, str] | 
     data_dir = Path(top.str("data_dir", "data"))
     data_dir = data_dir if data_dir.is_absolute() else root / data_dir
     min_free = top.int("min_free_disk_mb", 512, min=0)
+    queue = _parse_queue(top.section("queue"), registry)
 
     destinations: dict[str, DestinationConfig] = {}
     dest_section = top.section("destinations")
@@ -110,7 +126,8 @@ def load_project(path: Path, registry: PluginRegistry, env: Mapping[str, str] | 
         if parsed is not None:
             destinations[str(name)] = parsed
     dest_section.done(also_allowed=list(dest_section.data))
-    top.done()
+    plugin_settings = _parse_plugin_blocks(top, registry)
+    top.done(also_allowed=registry.settings_blocks)  # so "did you mean" knows the plugins' keys
 
     channels: list[ChannelConfig] = []
     if not channels_dir.is_dir():
@@ -140,8 +157,49 @@ def load_project(path: Path, registry: PluginRegistry, env: Mapping[str, str] | 
         data_dir=data_dir,
         min_free_disk_mb=min_free,
         destinations=destinations,
+        queue=queue,
         channels=tuple(channels),
+        plugin_settings=plugin_settings,
     )
+
+
+def _parse_queue(section: Section, registry: PluginRegistry) -> QueueConfig:
+    """Read ``backend`` and let the backend that owns it parse the rest of the block."""
+    name = section.str("backend", DEFAULT_QUEUE_BACKEND)
+    registered, why = registry.lookup("queue", name) if name is not None else (None, "")
+    if registered is None:
+        if name is not None:
+            section.error("backend", why)
+        section.done(also_allowed=list(section.data))  # the rest belongs to the missing backend
+        return QueueConfig(name or DEFAULT_QUEUE_BACKEND)
+    try:
+        settings = registered.parse_settings(section)
+    except Exception as exc:  # a plugin bug must not hide every other problem
+        section.error(None, f"the {name!r} queue backend failed to parse its settings: {exc!r}")
+        settings = None
+    return QueueConfig(name, settings)
+
+
+def _parse_plugin_blocks(top: Section, registry: PluginRegistry) -> dict[str, Any]:
+    """Parse each top-level block that a plugin contributes with that plugin's parser.
+
+    A block the project does not have is not parsed: installing a plugin must not make every
+    project that ignores it invalid (its parser may require keys)."""
+    parsed: dict[str, Any] = {}
+    for key in list(top.data):
+        if key in CORE_TOP_LEVEL_KEYS:
+            continue
+        registered, why = registry.lookup("settings", str(key))
+        if registered is None:
+            if ("settings", key) in registry.unusable:  # provided twice: say so, not "unknown"
+                top.raw(key)
+                top.error(key, why)
+            continue  # an unknown key: top.done() reports it with "did you mean"
+        try:
+            parsed[key] = registered.parse_settings(top.section(key))
+        except Exception as exc:  # a plugin bug must not hide every other problem
+            top.error(key, f"the plugin providing {key!r} failed to parse its settings: {exc!r}")
+    return parsed
 
 
 def _parse_typed(kind: str, section: Section, registry: PluginRegistry) -> tuple[str | None, Any]:

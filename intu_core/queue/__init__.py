@@ -4,41 +4,74 @@ A queue *entry* is one message waiting for one destination (a message fanned out
 destinations is two entries, enqueued in one transaction). An entry moves through these states::
 
     enqueue ─▶ pending ──claim──▶ in_flight ──complete──▶ (row deleted, "delivered" counter + 1)
-                  ▲                   │
+                  ▲                   │  ▲ renew (the lease)
                   └──── retry_later ──┤
                   ▲                   └──dead_letter──▶ dead
                   │                                      │
                   └────────── retry (operator) ◀─────────┘
     record_error ─▶ errored   (a transformer raised: kept with its traceback)
 
-``recover()`` at startup turns ``in_flight`` back into ``pending``: the process died between
-claiming an entry and recording the result, so the entry may have been delivered already; it is
-sent again (at-least-once delivery, such duplicates are counted as ``recovered``).
+A claim is a *lease*: the entry is held by the claiming node (``QueueStore.node_id``, one per
+engine process) until ``lease_s`` seconds from the claim, and the delivery workers ``renew`` the
+leases of entries they hold while a send takes long. A node that dies leaves its entries leased:
+``recover()``, called when an engine starts, makes the entries of its own node (and any whose lease
+has expired) pending again, and ``claim`` takes an entry whose lease has expired like a pending
+one. Such an entry may have been delivered already and is sent again (at-least-once delivery;
+these duplicates are counted as ``recovered``). This works when several engine processes share one
+queue; with the embedded SQLite backend there is one per data folder, its node id is stable, and
+recovery at start re-sends what was in flight.
 
 Files a message refers to (``Message.files``) are reference-counted across entries: a file is
 deleted only when the last entry that needs it is delivered or purged. Dead and errored entries
 keep their files, so that an operator can retry them.
 
-``QueueStore`` is deliberately small so that another backend can be added without touching sources,
-destinations or the delivery workers: the embedded default is ``intu_core.queue.sqlite``
-(``SqliteQueueStore``: one SQLite file in WAL mode under the data directory). A PostgreSQL backend
-for several engine processes sharing one queue would implement the same protocol, claiming with
-``SELECT ... FOR UPDATE SKIP LOCKED`` and keeping the file reference counts in the same
-transaction; it is not built yet.
+Backends register through the ``intu_queue_backends`` hook (a ``QueueBackend``) and are chosen
+with the top-level ``queue: {backend: NAME}`` block of ``intu.yaml``; the engine and ``intu queue``
+open the store with ``intu_core.queue.opener.open_queue``. The embedded default is
+``intu_core.queue.sqlite`` (one SQLite file in WAL mode under the data directory). A backend
+reports "the queue cannot be read or written right now" (disk full, lock held too long, server
+unreachable) as ``QueueUnavailable``, and a backend's test module runs the contract suite
+``intu_core.testing.queue_contract.QueueContract``. A PostgreSQL backend for several engine
+processes sharing one queue is such a plugin, and nothing else: it would claim with
+``SELECT ... FOR UPDATE SKIP LOCKED`` and keep the file reference counts in the same transaction.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from intu_core.message import Message, SendResult
+
+if TYPE_CHECKING:
+    from intu_core.config.section import Section
 
 #: Queue names for messages that failed in a channel's pipeline (before any destination) start
 #: with this prefix (``channel:dicom-router``); every other queue name is a destination's name.
 CHANNEL_QUEUE_PREFIX = "channel:"
+
+#: How long a claim holds an entry unless renewed. Delivery workers renew every third of it while
+#: a send runs, so it only bounds how long the entries of a node that died wait for another node
+#: (a restarted engine takes its own back at once, through ``recover``).
+DEFAULT_LEASE_S = 300.0
+
+_BACKEND_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+class QueueUnavailable(RuntimeError):
+    """The queue cannot be read or written right now: the disk is full, a lock is held too long,
+    the database server cannot be reached. Raised by backends for any such condition, so that the
+    engine can refuse a message as busy (the sender tries again later) without knowing the backend.
+    """
+
+
+class QueueNotFound(LookupError):
+    """Raised by ``open`` with ``create=False`` when there is no queue yet (nothing was ever
+    queued); the message says where it was looked for."""
 
 
 def channel_queue(channel: str) -> str:
@@ -61,7 +94,8 @@ class Entry:
 
     ``attempts`` counts the sends that have been tried. ``history`` holds the most recent attempts
     (``{"at": epoch seconds, "status": "retryable"|..., "code": int|None, "detail": str}``), oldest
-    first; the SQLite store keeps the last 50.
+    first; the SQLite store keeps the last 50. An in-flight entry is leased to the node
+    ``lease_owner`` until ``lease_expires_at`` (epoch seconds); both are None in other states.
     """
 
     id: str
@@ -74,6 +108,8 @@ class Entry:
     updated_at: float
     last_error: str = ""
     history: tuple[dict[str, Any], ...] = ()
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +123,7 @@ class QueueStats:
     errored: int = 0
     oldest_age_s: float | None = None  # of the oldest pending or in-flight entry
     delivered: int = 0  # entries completed since the queue database was created
-    recovered: int = 0  # entries found in flight at startup and sent again (possible duplicates)
+    recovered: int = 0  # taken back from a stopped engine's (or expired) lease: possible duplicates
 
     @property
     def depth(self) -> int:
@@ -106,9 +142,11 @@ def attempt_record(at: float, result: SendResult | str) -> dict[str, Any]:
 class QueueStore(Protocol):
     """A durable store of queue entries, safe for use from many threads and a second process.
 
-    Every method that changes state is durable when it returns. Methods that take an ``entry_id``
+    Every method that changes state is durable when it returns, except ``claim`` and ``renew``
+    (losing one on a power cut leaves the entry to ``recover``). Methods that take an ``entry_id``
     of an entry that is not in the expected state (for example purged by an operator while it was
-    being sent) change nothing and return False.
+    being sent, or in flight under another node's lease) change nothing and return False. A
+    backend raises ``QueueUnavailable`` when it cannot read or write for now.
     """
 
     def enqueue(self, items: Sequence[tuple[str, Message]]) -> list[str]:
@@ -119,8 +157,19 @@ class QueueStore(Protocol):
         """Keep a message that failed in the pipeline as ``errored`` with ``reason`` (a traceback)."""
         ...
 
-    def claim(self, queue: str, now: float | None = None) -> Entry | None:
-        """The oldest due pending entry of ``queue``, now marked in flight (never given out twice)."""
+    #: The node this store claims for (one per engine process; see the module docstring).
+    node_id: str
+
+    def claim(
+        self, queue: str, now: float | None = None, *, lease_s: float = DEFAULT_LEASE_S
+    ) -> Entry | None:
+        """An entry of ``queue`` whose lease has expired (it is counted as recovered), else the
+        oldest due pending entry; now in flight, leased to ``node_id`` until ``now + lease_s``.
+        Never given out twice while its lease lasts."""
+        ...
+
+    def renew(self, entry_ids: Sequence[str], lease_s: float = DEFAULT_LEASE_S) -> int:
+        """Extend the leases of those ``entry_ids`` this node holds to ``lease_s`` from now; how many."""
         ...
 
     def next_due(self, queue: str) -> float | None:
@@ -128,7 +177,7 @@ class QueueStore(Protocol):
         ...
 
     def complete(self, entry_id: str, result: SendResult | None = None) -> bool:
-        """Delivered: forget the entry and release its files."""
+        """Delivered: forget the entry and release its files (only the lease holder can)."""
         ...
 
     def retry_later(self, entry_id: str, result: SendResult | str, at: float) -> bool:
@@ -145,7 +194,8 @@ class QueueStore(Protocol):
         ...
 
     def recover(self) -> int:
-        """At startup: every in-flight entry back to pending; how many there were."""
+        """At startup: in-flight entries leased by this node, or whose lease has expired, back to
+        pending (counted as recovered); how many there were."""
         ...
 
     def size(self, queue: str) -> int:
@@ -183,12 +233,55 @@ class QueueStore(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class QueueRuntime:
+    """What a queue backend is given when it opens its store.
+
+    ``node_id`` None asks for the backend's default, which must be stable for this data folder
+    (the same after a restart, so that ``recover`` takes back what this engine held). With
+    ``create`` False (``intu queue`` looking at the queue) a backend creates nothing and raises
+    ``QueueNotFound`` when there is no queue yet, and it should write nothing: an operator looks
+    at the queue precisely when the disk is full.
+    """
+
+    data_dir: Path
+    node_id: str | None = None
+    create: bool = True
+
+
+@dataclass(frozen=True)
+class QueueBackend:
+    """A queue backend a plugin provides, chosen with ``queue: {backend: NAME}`` in ``intu.yaml``.
+
+    ``parse_settings(section)`` reads the rest of the ``queue:`` block (``backend`` is read
+    already) and returns a settings object, reporting problems through ``section``;
+    ``open(settings, runtime)`` returns a ``QueueStore`` (see ``QueueRuntime``).
+    """
+
+    name: str
+    parse_settings: Callable[[Section], Any]
+    open: Callable[[Any, QueueRuntime], QueueStore]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not _BACKEND_NAME.match(self.name):
+            raise ValueError(
+                f"queue backend name {self.name!r} must be lowercase letters, digits, '-' or '_',"
+                " starting with a letter"
+            )
+
+
 __all__ = [
     "CHANNEL_QUEUE_PREFIX",
+    "DEFAULT_LEASE_S",
     "Entry",
     "EntryState",
+    "QueueBackend",
+    "QueueNotFound",
+    "QueueRuntime",
     "QueueStats",
     "QueueStore",
+    "QueueUnavailable",
     "attempt_record",
     "channel_queue",
 ]

@@ -1,11 +1,13 @@
 """``intu queue``: look at, retry and purge the durable queues, also while ``intu serve`` runs.
 
-The commands open the queue database of the project's data directory as a second connection; SQLite's
-busy timeout makes them wait for the engine's short transactions (and the engine for theirs). A
-running engine picks up entries put back by ``intu queue retry`` within a few seconds.
+The commands open the project's queue with ``open_queue``, as the engine does, whatever its
+backend; with SQLite that is a second connection to the database, whose busy timeout makes them
+wait for the engine's short transactions (and the engine for theirs). Looking (``list``, ``show``)
+creates and writes nothing. A running engine picks up entries put back by ``intu queue retry``
+within a few seconds.
 
-The command object in ``ctx.obj`` must have a ``data_dir() -> Path`` method (the ``intu`` CLI's
-state object does).
+The command object in ``ctx.obj`` must have ``project() -> Project`` and
+``registry() -> PluginRegistry`` methods (the ``intu`` CLI's state object does).
 """
 
 from __future__ import annotations
@@ -19,28 +21,32 @@ from typing import Any
 import click
 
 from intu_core.config.problems import ConfigError
-from intu_core.queue import Entry, EntryState, QueueStats
-from intu_core.queue.sqlite import DB_NAME, SqliteQueueStore
+from intu_core.queue import Entry, EntryState, QueueNotFound, QueueStats, QueueStore, QueueUnavailable
+from intu_core.queue.opener import open_queue
 
 _STATES = [s.value for s in EntryState]
 _PURGEABLE = [s.value for s in EntryState if s is not EntryState.IN_FLIGHT]
 
 
 @contextmanager
-def _open_store(ctx: click.Context, must_exist: bool = True) -> Iterator[SqliteQueueStore | None]:
+def _open_store(ctx: click.Context, must_exist: bool = True) -> Iterator[QueueStore | None]:
+    """The project's queue, or None when there is none yet and ``must_exist`` is False."""
     try:
-        data_dir = ctx.obj.data_dir()
+        store = open_queue(ctx.obj.project(), ctx.obj.registry(), create=False)
     except ConfigError as err:
         click.echo(err.report(), err=True)
         ctx.exit(2)
-    if not (data_dir / DB_NAME).exists():
+    except QueueNotFound as exc:
         if must_exist:
-            raise click.ClickException(f"no queue database yet at {data_dir / DB_NAME}")
+            raise click.ClickException(str(exc)) from None
         yield None
         return
-    store = SqliteQueueStore(data_dir)
+    except QueueUnavailable as exc:
+        raise click.ClickException(f"cannot open the queue: {exc}") from None
     try:
         yield store
+    except QueueUnavailable as exc:  # e.g. the engine held the write lock past the busy timeout
+        raise click.ClickException(f"cannot use the queue right now: {exc}") from None
     finally:
         store.close()
 
@@ -244,6 +250,10 @@ def _entry_json(entry: Entry, *, body: bool, full_body: bool = False) -> dict[st
         "updated_at": _when(entry.updated_at),
         "last_error": entry.last_error,
     }
+    if entry.lease_owner is not None:
+        data["leased_to"] = entry.lease_owner
+    if entry.lease_expires_at is not None:
+        data["lease_expires_at"] = _when(entry.lease_expires_at)
     if not body:
         data["message_id"] = entry.message.id
         return data

@@ -1,19 +1,30 @@
-"""The embedded queue backend: one SQLite database, ``<data_dir>/queue.db``, in WAL mode.
+"""The embedded queue backend (``queue: {backend: sqlite}``, the default): one SQLite database,
+``<data_dir>/queue.db``, in WAL mode.
 
-Schema (``PRAGMA user_version = 1``)::
+Schema (``PRAGMA user_version = 2``)::
 
     entries(seq INTEGER PRIMARY KEY,        -- enqueue order; ties on next_attempt_at go by seq
             id TEXT UNIQUE, queue TEXT, state TEXT, attempts INTEGER,
             next_attempt_at REAL, created_at REAL, updated_at REAL,   -- epoch seconds
             last_error TEXT, history TEXT,   -- JSON list of the last 50 attempts
             files TEXT,                      -- JSON list of the message's files (distinct)
-            message TEXT)                    -- Message.to_json() as JSON
+            message TEXT,                    -- Message.to_json() as JSON
+            lease_owner TEXT, lease_expires_at REAL)   -- v2: who holds an in-flight entry, until when
     index entries_by_queue(queue, state, next_attempt_at, seq)
     files(path TEXT PRIMARY KEY, refs INTEGER)       -- entries that still need the file
     counters(queue, name, value)                     -- "delivered", "recovered" per queue
+    meta(key, value)                                 -- v2: "node_id"
 
+Opening a database of an older version upgrades it in place, in one transaction (``_MIGRATIONS``).
 Delivered entries are deleted (keeping them would grow the database forever); the ``delivered``
 counter remembers how many there were.
+
+One engine uses a data folder at a time (its lock), so the node id is a random one kept in ``meta``
+when the database is created: stable across restarts and moves of the folder, so that ``recover()``
+at start takes back everything the previous run held. Leases have no index of their own: a
+claim looks for an expired one among the in-flight entries of its queue, found through
+``entries_by_queue``, and there are never more of those than delivery threads (an index on the
+lease would cost every claim and every delivery one more b-tree update, to search a handful of rows).
 
 Threads share one connection behind a lock. Measured on this project's 2-core machine (ext4,
 synchronous=FULL; 4 threads enqueueing 1600 messages while 2 threads claim and complete them): one
@@ -36,21 +47,29 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from intu_core.message import Message, SendResult
 from intu_core.queue import (
+    DEFAULT_LEASE_S,
     Entry,
     EntryState,
+    QueueBackend,
+    QueueNotFound,
+    QueueRuntime,
     QueueStats,
+    QueueUnavailable,
     attempt_record,
 )
+
+if TYPE_CHECKING:
+    from intu_core.config.section import Section
 
 log = logging.getLogger("intu.queue")
 
 DB_NAME = "queue.db"
-SCHEMA_VERSION = 1
 HISTORY_LIMIT = 50
 
 _PENDING = EntryState.PENDING.value
@@ -58,7 +77,10 @@ _IN_FLIGHT = EntryState.IN_FLIGHT.value
 _DEAD = EntryState.DEAD.value
 _ERRORED = EntryState.ERRORED.value
 
-_SCHEMA = """
+# Each item takes the schema from the version before it (its index) to the next; statements are
+# separated by ";". Never edit a released step: add one.
+_MIGRATIONS = (
+    """
 CREATE TABLE IF NOT EXISTS entries (
     seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
@@ -84,9 +106,19 @@ CREATE TABLE IF NOT EXISTS counters (
     value INTEGER NOT NULL,
     PRIMARY KEY (queue, name)
 ) WITHOUT ROWID;
-"""
+""",
+    """
+ALTER TABLE entries ADD COLUMN lease_owner TEXT;
+ALTER TABLE entries ADD COLUMN lease_expires_at REAL;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+""",
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
 
-_COLUMNS = "id, queue, state, attempts, next_attempt_at, created_at, updated_at, last_error, history, message"
+_COLUMNS = (
+    "id, queue, state, attempts, next_attempt_at, created_at, updated_at, last_error, history, message,"
+    " lease_owner, lease_expires_at"
+)
 
 
 class SqliteQueueStore:
@@ -95,11 +127,19 @@ class SqliteQueueStore:
     Safe for use from many threads of one process and from other processes at the same time.
     """
 
-    def __init__(self, data_dir: Path, *, busy_timeout_ms: int = 30_000) -> None:
+    def __init__(self, data_dir: Path, *, busy_timeout_ms: int = 30_000, node_id: str | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.data_dir / DB_NAME
         self._lock = threading.Lock()
+        with _unavailable(self.path):
+            self._connect(busy_timeout_ms)
+            self._migrate()
+            self.node_id = node_id or self._stored_node_id()
+        self._closed = False
+
+    # -- connection handling ---------------------------------------------------------------
+    def _connect(self, busy_timeout_ms: int) -> None:
         # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves, so that a write
         # transaction takes the write lock up front (a deferred one that upgrades later can fail with
         # SQLITE_BUSY without waiting, when another process wrote in between).
@@ -115,11 +155,8 @@ class SqliteQueueStore:
         # its copy), so the WAL must be fsynced at every commit, not only at checkpoints. NORMAL would
         # survive kill -9 but could lose the last commits on a power cut or kernel crash.
         self._conn.execute("PRAGMA synchronous = FULL")
-        self._create_schema()
-        self._closed = False
 
-    # -- connection handling ---------------------------------------------------------------
-    def _create_schema(self) -> None:
+    def _migrate(self) -> None:
         with self._lock:
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -133,9 +170,15 @@ class SqliteQueueStore:
                 return
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        self._conn.execute(statement)
+                # Another process may have upgraded it while we waited for the write lock.
+                version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+                for step in _MIGRATIONS[version:]:
+                    for statement in step.split(";"):
+                        if statement.strip():
+                            self._conn.execute(statement)
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('node_id', ?)", (uuid.uuid4().hex,)
+                )
                 self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 self._conn.execute("COMMIT")
             except BaseException:
@@ -143,10 +186,15 @@ class SqliteQueueStore:
                     self._conn.execute("ROLLBACK")
                 raise
 
+    def _stored_node_id(self) -> str:
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()
+        return f"sqlite-{row[0]}"
+
     @contextmanager
     def _write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction. ``durable=False`` skips the fsync at commit (see ``claim``)."""
-        with self._lock:
+        with self._lock, _unavailable(self.path):
             conn = self._conn
             if not durable:
                 conn.execute("PRAGMA synchronous = NORMAL")
@@ -154,17 +202,18 @@ class SqliteQueueStore:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
+                    conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    if conn.in_transaction:  # SQLITE_FULL may have rolled it back already
+                        conn.execute("ROLLBACK")
                     raise
-                conn.execute("COMMIT")
             finally:
                 if not durable:
                     conn.execute("PRAGMA synchronous = FULL")
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._lock, _unavailable(self.path):
             yield self._conn
 
     # -- writing ---------------------------------------------------------------------------
@@ -213,29 +262,66 @@ class SqliteQueueStore:
             _add_refs(conn, [(path,) for path in files])
         return entry_id
 
-    def claim(self, queue: str, now: float | None = None) -> Entry | None:
-        """The oldest due pending entry of ``queue``, marked in flight in the same statement.
+    def claim(
+        self, queue: str, now: float | None = None, *, lease_s: float = DEFAULT_LEASE_S
+    ) -> Entry | None:
+        """An entry of ``queue`` whose lease expired, else the oldest due pending one, leased to
+        this node until ``now + lease_s``; each found and marked in one statement.
 
         Not fsynced: losing a claim on a power cut only leaves the entry pending, which is what
-        ``recover()`` would make of it anyway. The next durable commit syncs it along.
+        ``recover()`` would make of it anyway. The next durable commit syncs it along. Looking for
+        an expired lease first reads the few in-flight entries of the queue: measured at ~10 µs of
+        a claim's ~120 µs, against ~700 µs per message end to end.
         """
         now = time.time() if now is None else now
+        lease = (self.node_id, now + lease_s, now)
         with self._write(durable=False) as conn:
             row = conn.execute(
-                f"UPDATE entries SET state = '{_IN_FLIGHT}', updated_at = ? WHERE seq = ("
-                f" SELECT seq FROM entries WHERE queue = ? AND state = '{_PENDING}'"
-                "  AND next_attempt_at <= ? ORDER BY next_attempt_at, seq LIMIT 1)"
+                "UPDATE entries SET lease_owner = ?, lease_expires_at = ?, updated_at = ?,"
+                " history = json_insert(history, '$[#]', json_object('at', ?, 'status', 'note',"
+                "  'code', NULL, 'detail', 'the lease of ' || coalesce(lease_owner, 'an older intu')"
+                "  || ' expired; sending again'))"
+                " WHERE seq = ("
+                f" SELECT seq FROM entries WHERE queue = ? AND state = '{_IN_FLIGHT}'"
+                "  AND lease_expires_at < ? ORDER BY lease_expires_at LIMIT 1)"
                 f" RETURNING {_COLUMNS}",
-                (now, queue, now),
+                (*lease, now, queue, now),
             ).fetchone()
+            if row is not None:
+                _count(conn, queue, "recovered", 1)
+            else:
+                row = conn.execute(
+                    f"UPDATE entries SET state = '{_IN_FLIGHT}', lease_owner = ?, lease_expires_at = ?,"
+                    " updated_at = ? WHERE seq = ("
+                    f" SELECT seq FROM entries WHERE queue = ? AND state = '{_PENDING}'"
+                    "  AND next_attempt_at <= ? ORDER BY next_attempt_at, seq LIMIT 1)"
+                    f" RETURNING {_COLUMNS}",
+                    (*lease, queue, now),
+                ).fetchone()
         return _entry(row) if row is not None else None
+
+    def renew(self, entry_ids: Sequence[str], lease_s: float = DEFAULT_LEASE_S) -> int:
+        """Extend this node's leases on ``entry_ids`` to ``lease_s`` from now; how many it holds.
+
+        Not fsynced, like ``claim``: after a power cut ``recover()`` takes them back anyway.
+        """
+        if not entry_ids:
+            return 0
+        with self._write(durable=False) as conn:
+            cursor = conn.execute(
+                "UPDATE entries SET lease_expires_at = ? WHERE id IN (SELECT value FROM json_each(?))"
+                f" AND state = '{_IN_FLIGHT}' AND lease_owner = ?",
+                (time.time() + lease_s, json.dumps(list(entry_ids)), self.node_id),
+            )
+            return cursor.rowcount
 
     def complete(self, entry_id: str, result: SendResult | None = None) -> bool:
         """Delivered: delete the entry, count it, and delete files no other entry needs."""
         with self._write() as conn:
             row = conn.execute(
-                f"DELETE FROM entries WHERE id = ? AND state = '{_IN_FLIGHT}' RETURNING queue, files",
-                (entry_id,),
+                f"DELETE FROM entries WHERE id = ? AND state = '{_IN_FLIGHT}' AND lease_owner = ?"
+                " RETURNING queue, files",
+                (entry_id, self.node_id),
             ).fetchone()
             if row is None:
                 return False
@@ -265,9 +351,12 @@ class SqliteQueueStore:
         tried = 1 if isinstance(result, SendResult) else 0
         marks = ", ".join("?" * len(from_states))
         with self._write() as conn:
+            # An in-flight entry is settled by the node holding it: after its lease expired and
+            # another node took it, a late result of the first send must not undo the second.
             row = conn.execute(
-                f"SELECT history, next_attempt_at FROM entries WHERE id = ? AND state IN ({marks})",
-                (entry_id, *from_states),
+                f"SELECT history, next_attempt_at FROM entries WHERE id = ? AND state IN ({marks})"
+                f" AND (state != '{_IN_FLIGHT}' OR lease_owner = ?)",
+                (entry_id, *from_states, self.node_id),
             ).fetchone()
             if row is None:
                 return False
@@ -275,7 +364,8 @@ class SqliteQueueStore:
             history.append(record)
             conn.execute(
                 "UPDATE entries SET state = ?, attempts = attempts + ?, next_attempt_at = ?,"
-                " updated_at = ?, last_error = ?, history = ? WHERE id = ?",
+                " updated_at = ?, last_error = ?, history = ?, lease_owner = NULL,"
+                " lease_expires_at = NULL WHERE id = ?",
                 (
                     state,
                     tried,
@@ -308,20 +398,22 @@ class SqliteQueueStore:
             return _unlink(unused)
 
     def recover(self) -> int:
-        """At startup: in-flight entries (a crash between send and record) back to pending.
+        """At startup: in-flight entries of this node (a crash between send and record), or whose
+        lease has expired, back to pending.
 
         They may have been delivered already and will be sent again (at-least-once); each is counted
-        in its queue's ``recovered`` counter. Call this only when no other process delivers from
-        this database.
+        in its queue's ``recovered`` counter. Entries in flight before the upgrade to leases have
+        no owner and are taken back too.
         """
         now = time.time()
         note = json.dumps(attempt_record(now, "in flight when the engine stopped; sending again"))
         with self._write() as conn:
             rows = conn.execute(
-                f"UPDATE entries SET state = '{_PENDING}', updated_at = ?,"
-                " history = json_insert(history, '$[#]', json(?))"
-                f" WHERE state = '{_IN_FLIGHT}' RETURNING queue",
-                (now, note),
+                f"UPDATE entries SET state = '{_PENDING}', updated_at = ?, lease_owner = NULL,"
+                " lease_expires_at = NULL, history = json_insert(history, '$[#]', json(?))"
+                f" WHERE state = '{_IN_FLIGHT}'"
+                "  AND (lease_owner = ? OR lease_owner IS NULL OR lease_expires_at < ?) RETURNING queue",
+                (now, note, self.node_id, now),
             ).fetchall()
             per_queue: dict[str, int] = {}
             for row in rows:
@@ -455,7 +547,54 @@ class SqliteQueueStore:
         self.close()
 
 
+# -- the backend registration --------------------------------------------------------------
+@dataclass(frozen=True)
+class SqliteSettings:
+    """The ``queue:`` block of ``intu.yaml`` for ``backend: sqlite``."""
+
+    # How long a statement waits for another connection's write (``intu queue`` while the engine
+    # runs, or the other way round) before the queue counts as unavailable.
+    busy_timeout_ms: int = 30_000
+
+
+def parse_sqlite_settings(section: Section) -> SqliteSettings:
+    """The rest of the ``queue:`` block for ``backend: sqlite``; problems go to ``section``."""
+    settings = SqliteSettings(
+        busy_timeout_ms=section.int("busy_timeout_ms", SqliteSettings.busy_timeout_ms, min=0)
+    )
+    section.done()
+    return settings
+
+
+def open_sqlite(settings: SqliteSettings, runtime: QueueRuntime) -> SqliteQueueStore:
+    """The store in ``runtime.data_dir``; with ``create`` False only if the database exists."""
+    path = runtime.data_dir / DB_NAME
+    if not runtime.create and not path.exists():
+        raise QueueNotFound(f"no queue database yet at {path}")
+    return SqliteQueueStore(
+        runtime.data_dir, busy_timeout_ms=settings.busy_timeout_ms, node_id=runtime.node_id
+    )
+
+
+SQLITE_BACKEND = QueueBackend(
+    "sqlite",
+    parse_sqlite_settings,
+    open_sqlite,
+    "one SQLite database in WAL mode in the data folder (for one engine)",
+)
+
+
 # -- helpers -------------------------------------------------------------------------------
+@contextmanager
+def _unavailable(path: Path) -> Iterator[None]:
+    # SQLITE_FULL, SQLITE_BUSY after the busy timeout, SQLITE_IOERR, SQLITE_CANTOPEN: the queue
+    # cannot be used for now (sqlite3 reports them all as OperationalError, none as OSError).
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        raise QueueUnavailable(f"{exc} (queue database {path})") from exc
+
+
 def _encode_message(message: Message) -> str:
     try:
         return json.dumps(message.to_json(), separators=(",", ":"), ensure_ascii=False)
@@ -549,4 +688,6 @@ def _entry(row: sqlite3.Row) -> Entry:
         updated_at=row["updated_at"],
         last_error=row["last_error"],
         history=tuple(json.loads(row["history"])),
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
     )

@@ -9,6 +9,10 @@
 
 ``manual_source`` provides ``type: manual``: a source that does nothing until a test hands it a
 message, so a channel can be driven from a test exactly as a real source drives it.
+
+A queue backend runs the contract suite ``intu_core.testing.queue_contract.QueueContract`` (a
+pytest test class; this package itself does not import pytest). ``intu_core.testing.docs``
+checks that the docs name every settings key and command (intu's own docs tests use it).
 """
 
 from __future__ import annotations

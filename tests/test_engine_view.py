@@ -1,0 +1,78 @@
+"""The read-only view of the engine that the lifecycle hooks are given."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from project_files import write
+
+from intu_core import EngineView, Message, hookimpl
+from intu_core.queue import QueueStats
+from intu_core.testing import engine_deliver, manual_source, registry_with, running_engine
+from intu_core.view import ChannelState, ChannelView, DestinationView
+
+
+def project(tmp_path):
+    write(
+        tmp_path / "intu.yaml",
+        """
+        destinations:
+          archive: {type: file, file: {directory: out}, queue: {threads: 1}}
+          audit: {type: log, queue: {enabled: false}}
+        """,
+    )
+    write(
+        tmp_path / "channels" / "inbound" / "channel.yaml",
+        "source: {type: manual}\ndestinations: [archive, audit]\n",
+    )
+    write(
+        tmp_path / "channels" / "off" / "channel.yaml",
+        "enabled: false\nsource: {type: manual}\ndestinations: [audit]\n",
+    )
+    return tmp_path
+
+
+def test_the_lifecycle_hooks_get_a_view_of_channels_destinations_queues_and_metrics(tmp_path):
+    seen: dict[str, object] = {}
+
+    @hookimpl
+    def intu_engine_started(engine: EngineView) -> None:
+        seen["started"] = engine
+        seen["channels at start"] = engine.channels()
+
+    @hookimpl
+    def intu_engine_stopping(engine: EngineView) -> None:
+        seen["channels when stopping"] = engine.channels()
+        seen["stats"] = engine.queue_stats()
+        seen["delivered"] = engine.metrics().value("intu_messages_received_total", channel="inbound")
+
+    watcher = SimpleNamespace(
+        intu_engine_started=intu_engine_started, intu_engine_stopping=intu_engine_stopping, __name__="watcher"
+    )
+    with running_engine(project(tmp_path), registry_with(manual_source, watcher)) as engine:
+        engine_deliver(engine, "inbound", Message(body={"n": 1}))
+
+    view = seen["started"]
+    assert isinstance(view, EngineView) and view is engine.view
+    assert view.data_dir == tmp_path / "data"
+    running = ChannelView("inbound", "manual", ChannelState.RUNNING, ("archive", "audit"))
+    assert seen["channels at start"] == (running,)  # disabled channels are not in the engine
+    assert seen["channels when stopping"] == (running,)  # sources stop after the hook
+    assert view.channels() == (ChannelView("inbound", "manual", ChannelState.STOPPED, ("archive", "audit")),)
+    assert view.destinations() == (
+        DestinationView("archive", "file", True),
+        DestinationView("audit", "log", False),
+    )
+    stats = seen["stats"]
+    assert isinstance(stats, list) and all(isinstance(s, QueueStats) for s in stats)
+    assert seen["delivered"] == 1
+
+
+def test_a_view_of_an_engine_not_built_yet_is_empty(tmp_path):
+    from intu_core.config.project import load_project
+    from intu_core.engine import Engine
+
+    registry = registry_with(manual_source)
+    view = Engine(load_project(project(tmp_path), registry), registry).view
+    assert view.channels() == () and view.destinations() == () and view.queue_stats() == []
+    assert view.settings("metrics") is None
