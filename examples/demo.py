@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,21 +22,9 @@ import time
 from pathlib import Path
 
 import pydicom
-from intu_dicom_destination.samples import write_ct_series
+from intu_dicom_destination.testing import intu_command, wait_for_port, write_ct_series
 
 EXAMPLES = Path(__file__).resolve().parent
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"intu serve exited early with code {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    sys.exit(f"intu serve is not listening on port {port} after {timeout} s")
 
 
 def pixel_hash(path: Path) -> str:
@@ -60,12 +47,15 @@ def main() -> int:
     originals = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: pixel_hash(p) for p in study}
     print(f"generated {len(study)} CT instances in {work / 'study'}")
 
-    intu = [sys.executable, "-m", "intu_core", "--dir", str(EXAMPLES)]
-    server = subprocess.Popen([*intu, "serve"], env=env)
+    server = subprocess.Popen(intu_command(EXAMPLES, "serve"), env=env)
     ok = False
     try:
-        wait_for_port(router_port, server)
-        sent = subprocess.run([*intu, "dicom", "send", "router-inbox", str(work / "study")], env=env)
+        try:
+            wait_for_port(router_port, timeout=30, proc=server, what="intu serve")
+        except (RuntimeError, TimeoutError) as exc:
+            sys.exit(str(exc))
+        send = intu_command(EXAMPLES, "dicom", "send", "router-inbox", str(work / "study"))
+        sent = subprocess.run(send, env=env)
         if sent.returncode != 0:
             print("intu dicom send reported failures", file=sys.stderr)
             return 1

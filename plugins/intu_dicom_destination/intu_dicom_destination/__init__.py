@@ -4,8 +4,13 @@ and the `intu dicom` commands, registered through the `intu` entry-point group."
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from intu_core import hookimpl
+from intu_core import DestinationType, Message, SourceType, hookimpl
+
+if TYPE_CHECKING:  # click is imported only when the commands are asked for
+    import click
 
 __version__ = "0.1.0"
 
@@ -13,28 +18,31 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # PS3.5 9.1; at most 64 characters, che
 
 
 @hookimpl
-def intu_destination_types():  # type: ignore[no-untyped-def]
-    from intu_dicom_destination.destination import DESTINATION_TYPE
+def intu_destination_types() -> list[DestinationType]:
+    """The `dicom` destination type (C-STORE SCU)."""
+    from intu_dicom_destination.scu.destination import DESTINATION_TYPE
 
     return [DESTINATION_TYPE]
 
 
 @hookimpl
-def intu_source_types():  # type: ignore[no-untyped-def]
-    from intu_dicom_destination.receiver import SOURCE_TYPE
+def intu_source_types() -> list[SourceType]:
+    """The `dicom` source type (C-STORE SCP)."""
+    from intu_dicom_destination.scp.source import SOURCE_TYPE
 
     return [SOURCE_TYPE]
 
 
 @hookimpl
-def intu_cli_commands():  # type: ignore[no-untyped-def]
+def intu_cli_commands() -> list[click.Command]:
+    """`intu dicom echo|send`."""
     from intu_dicom_destination.cli import dicom
 
     return [dicom]
 
 
 @hookimpl
-def intu_write_message_file(message, directory):  # type: ignore[no-untyped-def]
+def intu_write_message_file(message: Message, directory: Path) -> Path | None:
     """Write a DICOM body as ``<SOPInstanceUID>.dcm`` (a Part-10 file) for the `file` destination."""
     body = message.body
     if not (isinstance(body, dict) and "dataset" in body and "sop_instance_uid" in body):

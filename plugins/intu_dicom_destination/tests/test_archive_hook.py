@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import intu_dicom_destination
 from intu_dicom_destination.body import body_from_file
-from intu_dicom_destination.samples import write_ct_series
+from intu_dicom_destination.testing import write_ct_series
 from pydicom import dcmread
 
 from intu_core.message import Message

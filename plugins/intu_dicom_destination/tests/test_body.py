@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 from intu_dicom_destination.body import (
     InvalidBody,
-    _bulk_vr,
     body_from_file,
     dataset_digest,
     inflate_part10,
     prepare_for_send,
     write_part10_from_body,
 )
-from intu_dicom_destination.samples import ct_instance, write_ct_series
+from intu_dicom_destination.body.model import _bulk_vr
+from intu_dicom_destination.testing import ct_instance, write_ct_series, write_garbage_instance
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -188,20 +188,6 @@ def test_write_part10_from_body(ct: Path, tmp_path: Path) -> None:
     assert not list((tmp_path / "out").glob(".intu-*"))
 
 
-def _file_with_dataset(path: Path, payload: bytes, sop_instance: str | None = None) -> Path:
-    from pydicom.dataset import FileMetaDataset
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_instance or generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    with open(path, "wb") as f:
-        f.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(DicomFileLike(f), meta)
-        f.write(payload)
-    return path
-
-
 @pytest.mark.parametrize(
     ("make_body", "expected"),
     [
@@ -236,10 +222,12 @@ def _bulk_bad_uri(ct: Path) -> dict[str, Any]:
 
 
 def test_unparseable_files_raise_invalid_body(tmp_path: Path) -> None:
-    truncated = _file_with_dataset(tmp_path / "truncated.dcm", b"\x08\x00\x16\x00UI\xff\x7f" + b"1.2" * 4)
+    truncated = write_garbage_instance(tmp_path / "truncated.dcm")  # (0008,0016) claims 32767 bytes
     with pytest.raises(InvalidBody, match=r"\(0008,0016\) claims 32767 bytes"):
         body_from_file(truncated)
-    bad_vr = _file_with_dataset(tmp_path / "badvr.dcm", b"\x08\x00\x60\x00ZZ\x02\x00CT" + b"garbage!" * 4)
+    bad_vr = write_garbage_instance(
+        tmp_path / "badvr.dcm", payload=b"\x08\x00\x60\x00ZZ\x02\x00CT" + b"garbage!" * 4
+    )
     with pytest.raises(InvalidBody, match="not a DICOM .* can be parsed"):
         body_from_file(bad_vr)
     (tmp_path / "text.dcm").write_text("hello")

@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 from intu_dicom_destination.cli import run_echo, run_send
-from intu_dicom_destination.destination import DESTINATION_TYPE, DicomDestination
-from intu_dicom_destination.settings import DestinationSettings
+from intu_dicom_destination.scu.destination import DESTINATION_TYPE, DicomDestination
+from intu_dicom_destination.scu.settings import DestinationSettings
 from pydicom import dcmread
 
 from intu_core.message import Message, SendStatus
@@ -91,7 +91,7 @@ def test_leftover_temporary_files_are_deleted_at_creation(scp_factory, ct_files,
 
 
 def test_unusable_tls_file_refuses_creation_naming_the_destination(tmp_path):
-    from intu_dicom_destination.settings import TlsClientSettings
+    from intu_dicom_destination.shared.tls import TlsClientSettings
     from intu_dicom_destination.testing import make_pki
 
     pki = make_pki(tmp_path / "pki")

@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from intu_dicom_destination.destination import DicomDestination
-from intu_dicom_destination.sender import DicomSender
-from intu_dicom_destination.settings import DestinationSettings, TlsClientSettings
+from intu_dicom_destination.scu.destination import DicomDestination
+from intu_dicom_destination.scu.sender import DicomSender
+from intu_dicom_destination.scu.settings import DestinationSettings
+from intu_dicom_destination.shared.tls import TlsClientSettings
 from pydicom import dcmread
 
 from intu_core.message import Message, SendStatus

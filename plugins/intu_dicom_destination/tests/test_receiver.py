@@ -13,19 +13,12 @@ from typing import Any
 
 import pytest
 from intu_dicom_destination.body import body_from_file
-from intu_dicom_destination.receiver import SOURCE_TYPE, DicomSource
-from intu_dicom_destination.source_settings import SourceSettings, SourceTLSSettings, parse_source_settings
-from intu_dicom_destination.testing import INTEROP_ENV, free_port, require_tool
+from intu_dicom_destination.scp.settings import SourceSettings, parse_source_settings
+from intu_dicom_destination.scp.source import SOURCE_TYPE, DicomSource
+from intu_dicom_destination.shared.tls import TlsServerSettings
+from intu_dicom_destination.testing import INTEROP_ENV, free_port, require_tool, write_garbage_instance
 from pydicom import dcmread
-from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomFileLike
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import (
-    CTImageStorage,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    generate_uid,
-)
+from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 
 from intu_core.config.problems import Problems
@@ -218,23 +211,6 @@ def test_status_tells_the_sender_what_the_engine_did(
     assert Path(engine.messages[0].files[0]).exists()
 
 
-def _garbage_instance(
-    path: Path,
-    transfer_syntax: str = ExplicitVRLittleEndian,
-    # SOP Class UID claiming 32767 bytes of value where 12 follow.
-    payload: bytes = b"\x08\x00\x16\x00UI\xff\x7f" + b"1.2" * 4,
-) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax
-    with open(path, "wb") as f:
-        f.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(DicomFileLike(f), meta)
-        f.write(payload)
-    return path
-
-
 def test_unparseable_dataset_gets_c000_and_the_server_keeps_serving(
     source: Any, engine: Engine, ct_files: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
@@ -243,7 +219,7 @@ def test_unparseable_dataset_gets_c000_and_the_server_keeps_serving(
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     assoc = associate(src)
     with caplog.at_level(logging.ERROR, logger="test.dicom.source"):
-        rsp = assoc.send_c_store(_garbage_instance(tmp_path / "garbage.dcm"))
+        rsp = assoc.send_c_store(write_garbage_instance(tmp_path / "garbage.dcm"))
     assert rsp.Status == 0xC000
     assert "cannot parse" in caplog.text and "0xC000" in caplog.text
     assert engine.messages == []
@@ -274,7 +250,7 @@ def test_corrupt_deflate_stream_gets_c000_and_the_server_keeps_serving(
     src = source()
     # Send the file's bytes as they are: a deflated data set that is not a valid deflate stream.
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    garbage = _garbage_instance(
+    garbage = write_garbage_instance(
         tmp_path / "bad-deflate.dcm", DeflatedExplicitVRLittleEndian, payload=b"\xff" * 64
     )
     # Two contexts for CT: a deflated one (the SCP would pick explicit VR from a shared one).
@@ -328,8 +304,8 @@ def test_deflated_instances_are_stored_inflated(source: Any, engine: Engine, ct_
 
 
 # -- TLS -------------------------------------------------------------------------------------------
-def _tls_settings(pki: dict[str, Path], require_client_cert: bool) -> SourceTLSSettings:
-    return SourceTLSSettings(
+def _tls_settings(pki: dict[str, Path], require_client_cert: bool) -> TlsServerSettings:
+    return TlsServerSettings(
         enabled=True,
         cert=pki["server"],
         key=pki["server_key"],
@@ -359,7 +335,7 @@ def test_tls_with_client_certificate(
 def test_tls_key_not_matching_the_certificate_fails_start_clearly(
     tmp_path: Path, engine: Engine, pki: dict[str, Path]
 ) -> None:
-    tls = SourceTLSSettings(enabled=True, cert=pki["server"], key=pki["client_key"], ca_cert=pki["ca"])
+    tls = TlsServerSettings(enabled=True, cert=pki["server"], key=pki["client_key"], ca_cert=pki["ca"])
     settings = SourceSettings(port=free_port(), host="127.0.0.1", tls=tls)
     src = DicomSource(settings, Runtime("dicom-router", tmp_path / "data", logging.getLogger("test")))
     with pytest.raises(RuntimeError, match="cannot set up TLS: tls.key .* does not match the certificate"):

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from intu_dicom_destination.sender import DicomSender
-from intu_dicom_destination.settings import DestinationSettings, TlsClientSettings
+from intu_dicom_destination.scu.sender import DicomSender
+from intu_dicom_destination.scu.settings import DestinationSettings
+from intu_dicom_destination.shared.tls import TlsClientSettings
 from intu_dicom_destination.testing import UNCOMPRESSED_ONLY, free_port
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
@@ -241,9 +242,9 @@ def test_echo_reports_the_peer(scp_factory, senders):
 
 # -- TLS ---------------------------------------------------------------------------------------------
 def _tls_scp(scp_factory, pki, cert="server", require_client=True):
-    from intu_dicom_destination.tls import server_context
+    from intu_dicom_destination.shared.tls import TlsServerSettings, server_context
 
-    ctx = server_context(pki[cert], pki[f"{cert}_key"], pki["ca"], require_client_cert=require_client)
+    ctx = server_context(TlsServerSettings(True, pki[cert], pki[f"{cert}_key"], pki["ca"], require_client))
     return scp_factory(ssl_context=ctx)
 
 
@@ -304,7 +305,7 @@ def test_tls_against_a_plain_tcp_peer(scp_factory, senders, ct_files, pki):
 def test_unusable_tls_files_refuse_creation(senders, pki, tmp_path, which, words):
     # Not a permanent result per message (that dead-lettered the whole queue): the sender
     # cannot be created, so `intu serve` refuses to start with the reason.
-    from intu_dicom_destination.tls import TlsConfigError
+    from intu_dicom_destination.shared.tls import TlsConfigError
 
     bad = tmp_path / "bad.pem"
     bad.write_text("not PEM")
@@ -340,7 +341,7 @@ def test_tcp_nodelay_is_set(scp_factory, senders, ct_files):
     scp = scp_factory()
     sender = senders(settings_for(scp))
     assert sender.send_file(ct_files(1)[0]).delivered
-    pooled = sender._idle[0]
+    pooled = sender.pool.idle()[0]
     sock = pooled.assoc.dul.socket.socket
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
 
@@ -430,14 +431,14 @@ def test_waiting_for_a_free_association_gives_up_after_timeout_ms(scp_factory, s
     sender = senders(settings_for(scp, max_associations=1, timeout_ms=500))
     path = ct_files(1)[0]
     meta = dcmread(path)
-    held = sender._checkout((str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID)))
+    held = sender.pool.checkout((str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID)))
     started = time.monotonic()
     result = _in_thread(lambda: sender.send_file(path), timeout=10)
     waited = time.monotonic() - started
     assert result.status is SendStatus.RETRYABLE
     assert "no association" in result.detail and "within 500 ms" in result.detail, result.detail
     assert 0.4 < waited < 5
-    sender._checkin(held)
+    sender.pool.checkin(held)
     assert _in_thread(lambda: sender.send_file(path)).status is SendStatus.SUCCESS
     assert len(scp.associations) == 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from intu_dicom_destination.settings import DestinationSettings, parse_destination_settings
+from intu_dicom_destination.scu.settings import DestinationSettings, parse_destination_settings
 
 from intu_core.config.problems import Problems
 from intu_core.config.section import Section

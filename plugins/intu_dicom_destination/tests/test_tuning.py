@@ -1,4 +1,5 @@
-"""The latency tuning of pooled associations (tuning.py) and the forked send workers (parallel.py)."""
+"""The latency tuning of pooled associations (internals.py, scu/pool.py) and the forked send workers
+(cli/workers.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from intu_dicom_destination import parallel, tuning
-from intu_dicom_destination.cli import _meta, run_send
-from intu_dicom_destination.sender import DicomSender
-from intu_dicom_destination.settings import DestinationSettings
+from intu_dicom_destination import internals
+from intu_dicom_destination.cli import workers as parallel
+from intu_dicom_destination.cli.send import _meta, run_send
+from intu_dicom_destination.scu import pool
+from intu_dicom_destination.scu.sender import DicomSender
+from intu_dicom_destination.scu.settings import DestinationSettings
+from intu_dicom_destination.shared.logs import quiet_pynetdicom
 
 from intu_core.message import SendStatus
 
@@ -29,8 +33,7 @@ def settings_for(peer, **kw) -> DestinationSettings:
 
 
 def _pooled(sender: DicomSender):
-    with sender._cond:
-        return list(sender._idle)
+    return sender.pool.idle()
 
 
 def test_pooled_association_is_parked_and_idles_at_the_default_poll(scp_factory, ct_files):
@@ -41,9 +44,9 @@ def test_pooled_association_is_parked_and_idles_at_the_default_poll(scp_factory,
             assert sender.send_file(path).status is SendStatus.SUCCESS
         (pooled,) = _pooled(sender)
         assoc = pooled.assoc
-        assert tuning.is_parked(assoc)
+        assert internals.is_parked(assoc)
         assert assoc._reactor_checkpoint.parked()  # the reactor thread waits in the gate
-        assert assoc.dul._run_loop_delay == tuning.IDLE_DUL_DELAY  # back in the pool: not busy
+        assert assoc.dul._run_loop_delay == pool.IDLE_DUL_DELAY  # back in the pool: not busy
         assert len(scp.associations) == 1  # reused throughout
     finally:
         sender.close()
@@ -63,10 +66,10 @@ def test_parked_association_aborted_by_the_peer_while_idle_is_replaced(scp_facto
         for assoc in scp.server.active_associations:
             assoc.abort()
         deadline = time.monotonic() + 3
-        while tuning.healthy(pooled.assoc) and time.monotonic() < deadline:
+        while internals.healthy(pooled.assoc) and time.monotonic() < deadline:
             time.sleep(0.02)
         # The parked reactor did not notice; our own check at checkout does.
-        assert not tuning.healthy(pooled.assoc)
+        assert not internals.healthy(pooled.assoc)
         assert sender.send_file(second).status is SendStatus.SUCCESS
         assert len(scp.associations) == 2
     finally:
@@ -79,12 +82,12 @@ def test_quiet_pynetdicom_keeps_its_per_instance_info_lines_out(monkeypatch):
     pn = logging.getLogger("pynetdicom")
     monkeypatch.setattr(pn, "level", logging.NOTSET)
     monkeypatch.setattr(logging.getLogger(), "level", logging.INFO)
-    tuning.quiet_pynetdicom()
+    quiet_pynetdicom()
     assert pn.level == logging.WARNING
     # At debug level they stay.
     monkeypatch.setattr(pn, "level", logging.NOTSET)
     monkeypatch.setattr(logging.getLogger(), "level", logging.DEBUG)
-    tuning.quiet_pynetdicom()
+    quiet_pynetdicom()
     assert pn.level == logging.NOTSET
 
 
@@ -170,7 +173,7 @@ def test_run_send_summary_with_several_associations(storescp, ct_files, capsys):
 
 
 def test_an_association_idle_for_a_while_polls_slowly_and_still_sends(scp_factory, ct_files, monkeypatch):
-    monkeypatch.setattr(tuning, "DEEP_IDLE_AFTER", 0.1)
+    monkeypatch.setattr(pool, "DEEP_IDLE_AFTER", 0.1)
     scp = scp_factory()
     sender = DicomSender(settings_for(scp))
     try:
@@ -178,9 +181,9 @@ def test_an_association_idle_for_a_while_polls_slowly_and_still_sends(scp_factor
         assert sender.send_file(first).delivered
         (pooled,) = _pooled(sender)
         deadline = time.monotonic() + 3
-        while pooled.assoc.dul._run_loop_delay != tuning.DEEP_IDLE_DUL_DELAY and time.monotonic() < deadline:
+        while pooled.assoc.dul._run_loop_delay != pool.DEEP_IDLE_DUL_DELAY and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert pooled.assoc.dul._run_loop_delay == tuning.DEEP_IDLE_DUL_DELAY
+        assert pooled.assoc.dul._run_loop_delay == pool.DEEP_IDLE_DUL_DELAY
         assert sender.send_file(second).status is SendStatus.SUCCESS
         assert len(scp.associations) == 1
         (again,) = _pooled(sender)

@@ -19,10 +19,10 @@ source:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from intu_core.config.section import Section
-from intu_dicom_destination.ae_title import ae_title_problem, read_ae_title
+from intu_core import Section
+from intu_dicom_destination.shared.ae_title import ae_title_problem, read_ae_title
+from intu_dicom_destination.shared.tls import TlsServerSettings, parse_tls_server
 
 DEFAULT_AE_TITLE = "INTU_SCP"
 DEFAULT_HOST = "0.0.0.0"
@@ -33,17 +33,6 @@ DEFAULT_MAX_ASSOCIATIONS = 10
 # At shutdown a modality in the middle of a study gets this long to finish before its association
 # is aborted (a C-STORE being handled is always answered first); it sends the rest again later.
 DEFAULT_STOP_GRACE_MS = 10_000
-
-
-@dataclass(frozen=True)
-class SourceTLSSettings:
-    """TLS for the DICOM source: our certificate and, for mutual TLS, the CA of the clients."""
-
-    enabled: bool = False
-    cert: Path | None = None
-    key: Path | None = None
-    ca_cert: Path | None = None
-    require_client_cert: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,7 +47,7 @@ class SourceSettings:
     max_pdu_length: int = DEFAULT_MAX_PDU_LENGTH
     max_associations: int = DEFAULT_MAX_ASSOCIATIONS
     stop_grace_ms: int = DEFAULT_STOP_GRACE_MS
-    tls: SourceTLSSettings = field(default_factory=SourceTLSSettings)
+    tls: TlsServerSettings = field(default_factory=TlsServerSettings)
 
 
 def parse_source_settings(section: Section) -> SourceSettings:
@@ -76,7 +65,7 @@ def parse_source_settings(section: Section) -> SourceSettings:
     max_pdu = section.int("max_pdu_length", DEFAULT_MAX_PDU_LENGTH, min=0, max=0xFFFFFFFF)
     max_assocs = section.int("max_associations", DEFAULT_MAX_ASSOCIATIONS, min=1, max=1000)
     stop_grace = section.int("stop_grace_ms", DEFAULT_STOP_GRACE_MS, min=0)
-    tls = _parse_tls(section.section("tls"))
+    tls = parse_tls_server(section.section("tls"))
     section.done()
     return SourceSettings(
         port=port if port is not None else 0,
@@ -89,24 +78,3 @@ def parse_source_settings(section: Section) -> SourceSettings:
         stop_grace_ms=DEFAULT_STOP_GRACE_MS if stop_grace is None else stop_grace,
         tls=tls,
     )
-
-
-def _parse_tls(section: Section) -> SourceTLSSettings:
-    enabled = bool(section.bool("enabled", False))
-    # Certificate files only have to exist when TLS is on.
-    cert = section.path("cert", None, must_exist=enabled)
-    key = section.path("key", None, must_exist=enabled)
-    ca_cert = section.path("ca_cert", None, must_exist=enabled)
-    require_client_cert = bool(section.bool("require_client_cert", False))
-    if enabled:
-        if cert is None:
-            section.error(None, "missing required key 'cert' (our certificate, PEM) when TLS is enabled")
-        if key is None:
-            section.error(None, "missing required key 'key' (our private key, PEM) when TLS is enabled")
-        if require_client_cert and ca_cert is None:
-            section.error(
-                "require_client_cert",
-                "require_client_cert needs 'ca_cert' (the CA that signs client certificates)",
-            )
-    section.done()
-    return SourceTLSSettings(enabled, cert, key, ca_cert, require_client_cert)

@@ -12,10 +12,10 @@ Keys (under ``dicom:`` of a ``type: dicom`` destination), as in the seed: ``host
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from intu_core.config.section import Section
-from intu_dicom_destination.ae_title import read_ae_title
+from intu_core import Section
+from intu_dicom_destination.shared.ae_title import read_ae_title
+from intu_dicom_destination.shared.tls import TlsClientSettings, parse_tls_client
 
 DEFAULT_PORT = 104
 DEFAULT_AE_TITLE = "INTU_SCU"
@@ -23,16 +23,6 @@ DEFAULT_TIMEOUT_MS = 60_000
 DEFAULT_MAX_PDU_LENGTH = 16_384
 DEFAULT_IDLE_TIMEOUT_MS = 5_000
 DEFAULT_MAX_ASSOCIATIONS = 2
-
-
-@dataclass(frozen=True)
-class TlsClientSettings:
-    """TLS for the association: server verification with ``ca_cert``, optional client cert."""
-
-    enabled: bool = False
-    ca_cert: Path | None = None
-    client_cert: Path | None = None
-    client_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -56,44 +46,6 @@ class DestinationSettings:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def _cert_file(section: Section, key: str, enabled: bool) -> Path | None:
-    """The path at ``key``; checked to be an existing file only when TLS is ``enabled`` (a
-    disabled block may keep paths for later, as the source's ``tls`` block may)."""
-    if not section.has(key):
-        section.raw(key)  # mark as read
-        return None
-    path = section.path(key, None, must_exist=enabled)
-    if enabled and path is not None and path.exists() and not path.is_file():
-        section.error(key, f"expected a file, found a directory ({path})")
-    return path
-
-
-def parse_tls(section: Section) -> TlsClientSettings:
-    enabled = bool(section.bool("enabled", False))
-    ca_cert = _cert_file(section, "ca_cert", enabled)
-    client_cert = _cert_file(section, "client_cert", enabled)
-    client_key = _cert_file(section, "client_key", enabled)
-    if section.has("client_cert") and not section.has("client_key"):
-        section.error(
-            "client_cert",
-            "expected tls.client_key with tls.client_cert (the private key of the client "
-            "certificate), found client_cert alone",
-        )
-    if section.has("client_key") and not section.has("client_cert"):
-        section.error(
-            "client_key",
-            "expected tls.client_cert with tls.client_key (the client certificate), found client_key alone",
-        )
-    if enabled and not section.has("ca_cert"):
-        section.error(
-            None,
-            "expected tls.ca_cert when tls.enabled is true (the CA that signed the PACS's "
-            "certificate, used to verify it), found none",
-        )
-    section.done()
-    return TlsClientSettings(enabled, ca_cert, client_cert, client_key)
-
-
 def parse_destination_settings(section: Section) -> DestinationSettings:
     """Parse the ``dicom:`` block of a ``type: dicom`` destination, recording every problem
     in ``section``."""
@@ -107,7 +59,7 @@ def parse_destination_settings(section: Section) -> DestinationSettings:
         # PS3.8: a maximum PDU length below the minimum fragment size is not workable.
         section.error("max_pdu_length", f"expected 0 (unlimited) or at least 4096, found {max_pdu}")
         max_pdu = DEFAULT_MAX_PDU_LENGTH
-    tls = parse_tls(section.section("tls"))
+    tls = parse_tls_client(section.section("tls"))
     idle = section.int("idle_timeout_ms", DEFAULT_IDLE_TIMEOUT_MS, min=0)
     max_assoc = section.int("max_associations", DEFAULT_MAX_ASSOCIATIONS, min=1, max=64)
     dup = section.bool("duplicate_is_success", True)

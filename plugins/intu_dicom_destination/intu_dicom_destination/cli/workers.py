@@ -23,9 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import cast
 
-from intu_core.message import SendStatus
-from intu_dicom_destination.settings import DestinationSettings
+from intu_core import SendStatus
+from intu_dicom_destination.scu.settings import DestinationSettings
 
 Item = tuple[Path, tuple[str, str, str]]  # path, (SOP class, SOP instance, transfer syntax)
 Report = Callable[[int, SendStatus, str], None]  # index into items, status, detail
@@ -33,7 +34,7 @@ _BATCH = 8  # results per pipe message (fewer syscalls; the progress bar lags by
 
 
 def _send_threads(settings: DestinationSettings, items: Sequence[tuple[int, Item]], report: Report) -> None:
-    from intu_dicom_destination.sender import DicomSender
+    from intu_dicom_destination.scu.sender import DicomSender
 
     sender = DicomSender(settings, logging.getLogger("intu.dicom.send"))
     try:
@@ -81,6 +82,7 @@ def _worker(settings: DestinationSettings, items: Sequence[tuple[int, Item]], co
 
 
 def can_fork() -> bool:
+    """Forking is available and safe: no other thread could be holding a lock."""
     return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
 
 
@@ -138,11 +140,12 @@ def send_all(
     reported: set[int] = set()
     try:
         while readers:
-            for conn in wait(list(readers)):
+            for ready in wait(list(readers)):
+                conn = cast(Connection, ready)  # wait() returns what it was given
                 try:
-                    batch = conn.recv()  # type: ignore[union-attr]
+                    batch = conn.recv()
                 except EOFError:
-                    del readers[conn]  # type: ignore[arg-type]
+                    del readers[conn]
                     continue
                 for index, status, detail in batch:
                     reported.add(index)

@@ -1,8 +1,4 @@
-"""`intu dicom echo DESTINATION` and `intu dicom send DESTINATION PATH...`.
-
-The click commands are thin: they load the project's destination settings and call
-``run_echo`` / ``run_send``, which take settings and an output stream (and are what tests call).
-"""
+"""`intu dicom send`: send files and folders to a destination, with a progress bar and a summary."""
 
 from __future__ import annotations
 
@@ -14,42 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
-import click
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
-from intu_core.message import SendStatus
-from intu_dicom_destination.parallel import can_fork, plan, send_all
-from intu_dicom_destination.sender import DicomSender
-from intu_dicom_destination.settings import DestinationSettings
-from intu_dicom_destination.tls import TlsConfigError, client_context
-
-
-def run_echo(settings: DestinationSettings, out: TextIO) -> int:
-    """C-ECHO the destination and print what was negotiated; 0 when the echo succeeded."""
-    sender = DicomSender(settings)
-    try:
-        echo = sender.echo()
-    finally:
-        sender.close()
-    who = f"{settings.ae_title} -> {settings.called_ae_title} at {settings.address}"
-    if not echo.ok:
-        print(f"C-ECHO {who}: FAILED\n  {echo.detail}", file=out)
-        return 1
-    print(f"C-ECHO {who}: OK", file=out)
-    print(
-        f"  round trip:        {echo.round_trip_ms:.1f} ms (association {echo.association_ms:.1f} ms)",
-        file=out,
-    )
-    print(f"  peer AE title:     {echo.their_ae_title}", file=out)
-    print(f"  peer max PDU:      {echo.peer_max_pdu or 'unlimited'}", file=out)
-    print(f"  our max PDU:       {echo.our_max_pdu or 'unlimited'}", file=out)
-    impl = echo.implementation_class_uid + (
-        f" ({echo.implementation_version_name})" if echo.implementation_version_name else ""
-    )
-    print(f"  peer implementation: {impl}", file=out)
-    print(f"  TLS:               {'yes' if echo.tls else 'no'}", file=out)
-    return 0
+from intu_core import SendStatus
+from intu_dicom_destination.cli.workers import can_fork, plan, send_all
+from intu_dicom_destination.scu.settings import DestinationSettings
 
 
 def _walk(paths: Iterable[Path]) -> Iterator[Path]:
@@ -134,55 +100,3 @@ def run_send(
         file=out,
     )
     return 1 if failed else 0
-
-
-def _settings(ctx: click.Context, name: str) -> DestinationSettings:
-    from intu_core.cli import load_project_from_context
-
-    project = load_project_from_context(ctx)
-    try:
-        type_name, settings = project.destination_settings(name)
-    except KeyError as exc:
-        raise click.UsageError(str(exc.args[0])) from None
-    if type_name != "dicom":
-        raise click.UsageError(f"destination {name!r} is of type {type_name!r}, not dicom")
-    if settings.tls.enabled:
-        try:  # fail here, once, rather than in every worker
-            client_context(settings.tls)
-        except TlsConfigError as exc:
-            raise click.ClickException(f"destination {name!r}: {exc}") from None
-    return settings
-
-
-@click.group()
-def dicom() -> None:
-    """DICOM tools: C-ECHO and C-STORE to a configured destination."""
-
-
-@dicom.command()
-@click.argument("destination")
-@click.pass_context
-def echo(ctx: click.Context, destination: str) -> None:
-    """C-ECHO DESTINATION (from intu.yaml) and show the negotiated parameters."""
-    ctx.exit(run_echo(_settings(ctx, destination), sys.stdout))
-
-
-@dicom.command()
-@click.argument("destination")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--associations",
-    "-j",
-    type=click.IntRange(1, 64),
-    default=None,
-    help="parallel associations (default: the destination's max_associations); one worker "
-    "process per association up to the number of cores",
-)
-@click.option("--no-progress", is_flag=True, help="no progress bar")
-@click.pass_context
-def send(
-    ctx: click.Context, destination: str, paths: tuple[Path, ...], associations: int | None, no_progress: bool
-) -> None:
-    """Send DICOM files and folders (recursively) to DESTINATION (from intu.yaml)."""
-    settings = _settings(ctx, destination)
-    ctx.exit(run_send(settings, paths, sys.stdout, progress=not no_progress, associations=associations))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from intu_core.config.section import REQUIRED, Section
+from intu_core import REQUIRED, Section
 
 
 def ae_title_problem(value: str) -> str | None:

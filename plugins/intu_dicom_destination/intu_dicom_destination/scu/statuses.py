@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 
-from intu_core.message import SendResult
+from intu_core import SendResult
 
 SUCCESS = 0x0000
 DUPLICATE_SOP_INSTANCE = 0x0111
@@ -30,6 +30,7 @@ def describe(code: int, comment: str = "") -> str:
 
 
 def is_retryable_failure(code: int) -> bool:
+    """A failure status after which the same instance may be accepted later."""
     # Out of resources (PS3.4 B.2.3): the SCP may accept the same instance later.
     # 0x0213 Resource Limitation is the general-status counterpart.
     return 0xA700 <= code <= 0xA7FF or code == 0x0213

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from intu_core.message import Message, SendResult
-from intu_core.types import DestinationType, Runtime
+from intu_core import DestinationType, Message, Runtime, SendResult
 from intu_dicom_destination.body import InvalidBody, prepare_for_send
-from intu_dicom_destination.sender import DicomSender
-from intu_dicom_destination.settings import DestinationSettings, parse_destination_settings
-from intu_dicom_destination.tls import TlsConfigError
+from intu_dicom_destination.scu.exchange import EchoResult
+from intu_dicom_destination.scu.sender import DicomSender
+from intu_dicom_destination.scu.settings import DestinationSettings, parse_destination_settings
+from intu_dicom_destination.shared.tls import TlsConfigError
 
 
 class DicomDestination:
@@ -52,6 +52,7 @@ class DicomDestination:
             self.runtime.logger.info("deleted %d leftover temporary file(s) in %s", removed, self.work_dir)
 
     def send(self, message: Message) -> SendResult:
+        """C-STORE the message's instance; what happened, as a result (never raises)."""
         try:
             prepared = prepare_for_send(message.body, self.work_dir)
         except InvalidBody as exc:
@@ -79,11 +80,12 @@ class DicomDestination:
         }
         return SendResult(result.status, result.detail, result.code, data)
 
-    def echo(self):  # type: ignore[no-untyped-def]
-        """C-ECHO the peer (see ``DicomSender.echo``)."""
+    def echo(self) -> EchoResult:
+        """C-ECHO the peer on a separate association."""
         return self.sender.echo()
 
     def close(self) -> None:
+        """Release the pooled associations."""
         self.sender.close()
 
 

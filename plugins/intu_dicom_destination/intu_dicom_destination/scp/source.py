@@ -3,7 +3,7 @@
 Each received instance is streamed by pynetdicom to a temporary Part-10 file, moved (or copied,
 chunk by chunk) into the channel's spool folder (``Runtime.spool_dir``:
 ``<data_dir>/spool/<channel>``), fsynced with its directory, turned into a message body
-(``body.body_from_file``: JSON model + bulk-data references, no pixel decoding) and handed to the
+(``body_from_file``: JSON model + bulk-data references, no pixel decoding) and handed to the
 engine. The engine owns the file from then on (``Message.files``); at start it deletes files in
 the spool folder that no queued message refers to. The C-STORE status tells the sender what the
 engine did:
@@ -22,8 +22,6 @@ unexpected error while storing         0x0110 processing failure + ErrorComment
 from __future__ import annotations
 
 import errno
-import os
-import shutil
 import threading
 import time
 import uuid
@@ -47,16 +45,18 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from intu_core.fsutil import fsync_dir, fsync_path
-from intu_core.message import Acceptance, AcceptanceStatus, Message
-from intu_core.types import DeliverCallback, Runtime, SourceType
-from intu_dicom_destination import tuning
-from intu_dicom_destination.body import InvalidBody, body_from_file, inflate_part10
-from intu_dicom_destination.source_settings import SourceSettings, parse_source_settings
-from intu_dicom_destination.tls import server_context
+from intu_core import Acceptance, AcceptanceStatus, DeliverCallback, Message, Runtime, SourceType
+from intu_dicom_destination import internals
+from intu_dicom_destination.body import InvalidBody, body_from_file
+from intu_dicom_destination.scp.persist import persist
+from intu_dicom_destination.scp.settings import SourceSettings, parse_source_settings
+from intu_dicom_destination.shared.logs import quiet_pynetdicom
+from intu_dicom_destination.shared.tls import server_context
+
+internals.require_pynetdicom()
 
 #: Transfer syntaxes the source accepts for every storage SOP class, in order of preference.
 TRANSFER_SYNTAXES = [
@@ -80,8 +80,6 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
-_COPY_CHUNK = 1024 * 1024
-
 
 def _status(code: int, comment: str) -> Dataset:
     ds = Dataset()
@@ -89,6 +87,36 @@ def _status(code: int, comment: str) -> Dataset:
     # ErrorComment is LO: at most 64 characters, no backslash.
     ds.ErrorComment = comment.replace("\\", "/")[:64]
     return ds
+
+
+def _application_entity(s: SourceSettings) -> AE:
+    ae = AE(ae_title=s.ae_title)
+    for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None  # pynetdicom's own list: always set
+        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.require_calling_aet = list(s.calling_ae_titles)
+    ae.require_called_aet = s.require_called_ae_title
+    ae.maximum_associations = s.max_associations
+    ae.maximum_pdu_size = s.max_pdu_length
+    return ae
+
+
+def _answer(acceptance: Acceptance, logger: Any, name: str, sop_instance: str, who: str) -> int | Dataset:
+    """The C-STORE status for what the engine did with the instance, logged."""
+    status = acceptance.status
+    if status in (AcceptanceStatus.ACCEPTED, AcceptanceStatus.FILTERED):
+        logger.debug("DICOM source %s: %s from %s %s", name, sop_instance, who, status.value)
+        return STATUS_SUCCESS
+    detail = acceptance.detail or status.value
+    if status is AcceptanceStatus.BUSY:
+        logger.warning(
+            "DICOM source %s: %s from %s not accepted (busy: %s): answered 0xA700",
+            name, sop_instance, who, detail,
+        )  # fmt: skip
+        return _status(STATUS_OUT_OF_RESOURCES, detail)
+    logger.error("DICOM source %s: %s from %s failed (%s): answered 0x0110", name, sop_instance, who, detail)
+    return _status(STATUS_PROCESSING_FAILURE, detail)
 
 
 class DicomSource:
@@ -116,30 +144,19 @@ class DicomSource:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, deliver: DeliverCallback) -> None:
         """Listen for associations; each received instance goes to ``deliver``."""
-        # Process-wide pynetdicom switch: stream every received C-STORE dataset to a temporary
-        # file instead of a BytesIO, so a 1 GiB instance never sits in memory. Every SCP in
-        # this process wants that, so setting it globally is harmless.
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        tuning.quiet_pynetdicom()  # pynetdicom logs 2 INFO lines per C-STORE; keep them for debug
+        internals.enable_chunked_receive()  # a 1 GiB instance never sits in memory
+        quiet_pynetdicom()  # pynetdicom logs 2 INFO lines per C-STORE; keep them for debug
         self._deliver = deliver
         self.received_dir.mkdir(parents=True, exist_ok=True)
         s = self.settings
-        ae = AE(ae_title=s.ae_title)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        ae.require_calling_aet = list(s.calling_ae_titles)
-        ae.require_called_aet = s.require_called_ae_title
-        ae.maximum_associations = s.max_associations
-        ae.maximum_pdu_size = s.max_pdu_length
+        ae = _application_entity(s)
         ssl_context = None
         if s.tls.enabled:
             try:
-                assert s.tls.cert is not None and s.tls.key is not None  # the settings parser checks
-                ssl_context = server_context(s.tls.cert, s.tls.key, s.tls.ca_cert, s.tls.require_client_cert)
+                ssl_context = server_context(s.tls)
             except Exception as exc:  # ssl.SSLError, OSError, tls.TlsConfigError
                 raise RuntimeError(f"DICOM source {self.runtime.name}: cannot set up TLS: {exc}") from exc
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -173,11 +190,9 @@ class DicomSource:
         associations = list(server.active_associations)
         # A connection that never sent an A-ASSOCIATE-RQ (a port probe, a load balancer's health
         # check) has nothing in flight: close it now instead of waiting for its ARTIM timeout.
-        # pynetdicom's acceptor blocks on its DUL queue for up to acse_timeout (30 s) waiting for
-        # the request; a None in that queue is its own "timed out" signal, which ends the thread.
         for assoc in associations:
             if not assoc.is_established and assoc.requestor.primitive is None and assoc.is_alive():
-                assoc.dul.to_user_queue.put(None)
+                internals.end_unassociated(assoc)
         deadline = time.monotonic() + self.settings.stop_grace_ms / 1000
         for assoc in associations:
             assoc.join(max(0.0, deadline - time.monotonic()))
@@ -304,47 +319,10 @@ class DicomSource:
                 "DICOM source %s: engine failed on %s from %s: answered 0x0110", name, sop_instance, who
             )
             return _status(STATUS_PROCESSING_FAILURE, f"engine error: {exc}")
-        return self._answer(acceptance, sop_instance, who)
-
-    def _answer(self, acceptance: Acceptance, sop_instance: str, who: str) -> int | Dataset:
-        status = acceptance.status
-        if status in (AcceptanceStatus.ACCEPTED, AcceptanceStatus.FILTERED):
-            self.logger.debug(
-                "DICOM source %s: %s from %s %s", self.runtime.name, sop_instance, who, status.value
-            )
-            return STATUS_SUCCESS
-        detail = acceptance.detail or status.value
-        if status is AcceptanceStatus.BUSY:
-            self.logger.warning(
-                "DICOM source %s: %s from %s not accepted (busy: %s): answered 0xA700",
-                self.runtime.name, sop_instance, who, detail,
-            )  # fmt: skip
-            return _status(STATUS_OUT_OF_RESOURCES, detail)
-        self.logger.error(
-            "DICOM source %s: %s from %s failed (%s): answered 0x0110",
-            self.runtime.name, sop_instance, who, detail,
-        )  # fmt: skip
-        return _status(STATUS_PROCESSING_FAILURE, detail)
+        return _answer(acceptance, self.logger, name, sop_instance, who)
 
     def _persist(self, temp: Path, path: Path, transfer_syntax: str) -> None:
-        """Move pynetdicom's temporary Part-10 file to ``path`` and make it durable."""
-        if transfer_syntax == DeflatedExplicitVRLittleEndian:
-            # Bulk-data offsets cannot point into a deflated stream: store it inflated.
-            with open(temp, "rb") as src, open(path, "wb") as dest:
-                inflate_part10(src, dest)
-                dest.flush()
-                os.fsync(dest.fileno())
-        else:
-            try:
-                # pynetdicom unlinks its temporary file after the handler, ignoring a missing one.
-                os.replace(temp, path)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                with open(temp, "rb") as src, open(path, "wb") as dest:
-                    shutil.copyfileobj(src, dest, _COPY_CHUNK)
-            fsync_path(path)
-        fsync_dir(path.parent)
+        persist(temp, path, transfer_syntax)  # a method: tests replace it to simulate a full disk
 
 
 SOURCE_TYPE = SourceType(

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     generate_uid,
@@ -90,3 +93,22 @@ def write_ct_series(folder: Path, count: int, *, size_kib: int = 512, **kwargs: 
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+# SOP Class UID claiming 32767 bytes of value where 12 follow.
+TRUNCATED_ELEMENT = b"\x08\x00\x16\x00UI\xff\x7f" + b"1.2" * 4
+
+
+def write_garbage_instance(
+    path: Path, transfer_syntax: str = ExplicitVRLittleEndian, payload: bytes = TRUNCATED_ELEMENT
+) -> Path:
+    """A Part-10 file with a valid file meta header whose dataset (``payload``) cannot be parsed."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(f), meta)
+        f.write(payload)
+    return path

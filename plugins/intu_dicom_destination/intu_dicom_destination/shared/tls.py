@@ -1,4 +1,6 @@
-"""TLS contexts for DICOM associations (both sides), and clear words for TLS failures.
+"""TLS for DICOM associations, both sides: the settings types and their parsers, SSL contexts,
+and clear words for TLS failures. Shared by the destination (client) and the source (server), and
+usable by any other plugin that speaks DICOM over TLS.
 
 Host names: the client verifies the peer's certificate against ``host`` as configured
 (``check_hostname``). DICOM peers are often addressed by IP; Python's ``ssl`` matches an IP
@@ -9,9 +11,98 @@ address against the certificate's IP subjectAltName entries (not the CN), so a P
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
-from intu_dicom_destination.settings import TlsClientSettings
+from intu_core import Section
+
+
+@dataclass(frozen=True)
+class TlsClientSettings:
+    """TLS for a requestor: the server verified with ``ca_cert``, optional client certificate."""
+
+    enabled: bool = False
+    ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class TlsServerSettings:
+    """TLS for a DICOM listener: our certificate and, for mutual TLS, the CA of the clients."""
+
+    enabled: bool = False
+    cert: Path | None = None
+    key: Path | None = None
+    ca_cert: Path | None = None
+    require_client_cert: bool = False
+
+
+# -- parsing -------------------------------------------------------------------------------------
+
+
+def _cert_file(section: Section, key: str, enabled: bool) -> Path | None:
+    """The path at ``key``; checked to be an existing file only when TLS is ``enabled`` (a
+    disabled block may keep paths for later, as the source's ``tls`` block may)."""
+    if not section.has(key):
+        section.raw(key)  # mark as read
+        return None
+    path = section.path(key, None, must_exist=enabled)
+    if enabled and path is not None and path.exists() and not path.is_file():
+        section.error(key, f"expected a file, found a directory ({path})")
+    return path
+
+
+def parse_tls_client(section: Section) -> TlsClientSettings:
+    """Parse a requestor's ``tls:`` block, recording every problem in ``section``."""
+    enabled = bool(section.bool("enabled", False))
+    ca_cert = _cert_file(section, "ca_cert", enabled)
+    client_cert = _cert_file(section, "client_cert", enabled)
+    client_key = _cert_file(section, "client_key", enabled)
+    if section.has("client_cert") and not section.has("client_key"):
+        section.error(
+            "client_cert",
+            "expected tls.client_key with tls.client_cert (the private key of the client "
+            "certificate), found client_cert alone",
+        )
+    if section.has("client_key") and not section.has("client_cert"):
+        section.error(
+            "client_key",
+            "expected tls.client_cert with tls.client_key (the client certificate), found client_key alone",
+        )
+    if enabled and not section.has("ca_cert"):
+        section.error(
+            None,
+            "expected tls.ca_cert when tls.enabled is true (the CA that signed the PACS's "
+            "certificate, used to verify it), found none",
+        )
+    section.done()
+    return TlsClientSettings(enabled, ca_cert, client_cert, client_key)
+
+
+def parse_tls_server(section: Section) -> TlsServerSettings:
+    """Parse a listener's ``tls:`` block, recording every problem in ``section``."""
+    enabled = bool(section.bool("enabled", False))
+    # Certificate files only have to exist when TLS is on.
+    cert = section.path("cert", None, must_exist=enabled)
+    key = section.path("key", None, must_exist=enabled)
+    ca_cert = section.path("ca_cert", None, must_exist=enabled)
+    require_client_cert = bool(section.bool("require_client_cert", False))
+    if enabled:
+        if cert is None:
+            section.error(None, "missing required key 'cert' (our certificate, PEM) when TLS is enabled")
+        if key is None:
+            section.error(None, "missing required key 'key' (our private key, PEM) when TLS is enabled")
+        if require_client_cert and ca_cert is None:
+            section.error(
+                "require_client_cert",
+                "require_client_cert needs 'ca_cert' (the CA that signs client certificates)",
+            )
+    section.done()
+    return TlsServerSettings(enabled, cert, key, ca_cert, require_client_cert)
+
+
+# -- contexts and errors -------------------------------------------------------------------------
 
 
 class TlsConfigError(ValueError):
@@ -77,18 +168,16 @@ def client_context(tls: TlsClientSettings) -> ssl.SSLContext:
     return ctx
 
 
-def server_context(
-    cert: Path, key: Path, ca_cert: Path | None = None, require_client_cert: bool = False
-) -> ssl.SSLContext:
+def server_context(tls: TlsServerSettings) -> ssl.SSLContext:
     """An SSL context for a DICOM listener: TLS 1.2+, our certificate and key; client
     certificates verified against ``ca_cert`` (required when ``require_client_cert``)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_chain(ctx, "tls.cert", cert, "tls.key", key)
-    if ca_cert is not None:
-        _load_ca(ctx, "tls.ca_cert", ca_cert)
-        ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
-    elif require_client_cert:
+    _load_chain(ctx, "tls.cert", tls.cert, "tls.key", tls.key)
+    if tls.ca_cert is not None:
+        _load_ca(ctx, "tls.ca_cert", tls.ca_cert)
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    elif tls.require_client_cert:
         raise TlsConfigError("tls.require_client_cert: needs tls.ca_cert to verify client certificates")
     return ctx
 

@@ -1,0 +1,188 @@
+"""route: storescu -> a middle box (intu serve, Orthanc, or nothing) -> storescp, end to end."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from intu import (
+    INTU_SCP_AET,
+    IntuFailure,
+    start_intu_serve,
+    stop_intu_serve,
+    validate_project,
+    write_route_project,
+)
+from intu_dicom_destination.testing import IntuProcess, Peer, free_port, start_process
+from measure import count_files, log, median, proc_cpu_seconds, proc_status_kib, tail, wait_count
+from peers import ORTHANC_CLOSE_DELAY, SCP_AET, Peers, orthanc, orthanc_rest_forward, peer_env, storescp
+from study import Study
+
+
+def route_once(
+    kind: str, args: argparse.Namespace, base: Path, study: Study, peers: Peers, run_no: int
+) -> dict[str, Any]:
+    """One end-to-end run: storescu -> [intu | Orthanc | nothing] -> storescp --fork. Seconds
+    from storescu's start to storescp's output folder holding N files."""
+    n = args.count
+    tag = f"route-{kind}-{run_no}"
+    scp = storescp(base, tag, ignore=False)
+    scp_port, out_dir = scp.port, scp.folder
+    serve: IntuProcess | None = None
+    box: Peer | None = None
+    middle: subprocess.Popen[bytes] | None = None  # intu serve or Orthanc
+    res: dict[str, Any] = {}
+    try:
+        if kind == "direct":
+            target_port, called = scp_port, SCP_AET
+        elif kind == "intu":
+            target_port, called = free_port(), INTU_SCP_AET
+            project = write_route_project(base / tag, target_port, scp_port)
+            if run_no == 0:
+                validate_project(project)
+            serve = start_intu_serve(project, target_port, base / f"{tag}-intu")
+            middle = serve.proc
+        elif kind in ("orthanc", "orthanc_rest"):
+            box = orthanc(base / tag, scp_port, lua=kind == "orthanc")
+            middle, http_port, target_port, called = box.proc, box.http_port, box.port, box.ae_title
+        else:
+            raise ValueError(kind)
+        cpu0 = proc_cpu_seconds(middle.pid) if middle else 0.0
+        t0 = time.perf_counter()
+        scu_cmd = peers.storescu_cmd(target_port, called, study.folder)
+        scu = start_process(scu_cmd, base / f"{tag}-storescu.log", peer_env())
+        # Generous: a stalled association (intu's timeout_ms defaults to 60 s) that recovers
+        # shows as a slow run whose instances all arrived, not as a lost instance.
+        timeout = max(150.0, n * 0.5)
+        if kind == "orthanc_rest":
+            # Receive everything first (storescu ends when Orthanc has stored the last instance),
+            # then ask Orthanc to forward the study: POST /modalities/target/store.
+            scu.wait(timeout)
+            orthanc_rest_forward(http_port, timeout)
+        t_end = wait_count(out_dir, n, timeout, alive=middle, stall=90.0)
+        scu_rc = scu.wait(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+        if t_end is None:
+            # Give stragglers a moment, then report what arrived.
+            res["arrived"] = count_files(out_dir)
+            res["seconds"] = None
+        else:
+            res["arrived"] = n
+            res["seconds"] = t_end - t0
+        res["storescu_exit"] = scu_rc
+        if t_end is not None:
+            time.sleep(0.05)  # let the last file be completed before listing names
+            res.update(study.received_uids_check(out_dir))
+        if middle is not None:
+            res["middle_cpu_seconds"] = proc_cpu_seconds(middle.pid) - cpu0
+            res["middle_peak_rss_mib"] = proc_status_kib(middle.pid, "VmHWM") / 1024
+            res["middle_alive"] = middle.poll() is None
+        if res["seconds"] is None or scu_rc != 0 or not res.get("uids_match", True):
+            res["log_tail"] = tail(base / f"{tag}-storescu.log", 8)
+            if serve is not None:
+                res["intu_log_tail"] = tail(serve.logs[-1], 20)
+    finally:
+        stop_intu_serve(serve)
+        if box is not None:
+            box.stop()
+        scp.stop()
+        shutil.rmtree(out_dir, ignore_errors=True)
+        if kind != "direct":
+            shutil.rmtree(base / tag, ignore_errors=True)
+    return res
+
+
+def run(args: argparse.Namespace, base: Path, study: Study, peers: Peers, results: dict[str, Any]) -> None:
+    """storescu -> [nothing | intu serve | Orthanc with Lua | Orthanc with REST] -> storescp."""
+    n = args.count
+    out: dict[str, Any] = {"runs": {"direct": [], "intu": [], "orthanc": [], "orthanc_rest": []}, "notes": []}
+    results["route"] = out
+    if not peers.dcmtk:
+        out["skipped"] = "DCMTK storescu/storescp not found at /usr/bin: route job skipped"
+        log(out["skipped"])
+        return
+    out["notes"].append(
+        "storescp runs with --fork (one process per association) so that senders using several "
+        "associations (intu: 2 queue threads) are not serialised; seconds = storescu start to the "
+        "N-th file in storescp's output folder"
+    )
+    kinds = ["direct", "intu"]
+    if peers.orthanc:
+        kinds += ["orthanc", "orthanc_rest"]
+        out["notes"].append(
+            "orthanc: default SQLite index + file storage in the temp folder, Lua "
+            "OnStoredInstance -> SendToModality (pipelined), "
+            f"DicomAssociationCloseDelay {ORTHANC_CLOSE_DELAY}"
+        )
+        out["notes"].append(
+            "orthanc_rest: the same Orthanc without Lua; after storescu ends, "
+            "POST /modalities/target/store {Resources: [study], Synchronous: true}"
+        )
+        out["notes"].append("the route target compares intu with the faster of the two Orthanc ways")
+    else:
+        why = "--skip-orthanc" if peers.orthanc_skipped else "Orthanc not found"
+        out["notes"].append(f"Orthanc comparison skipped ({why})")
+        log(f"route: Orthanc skipped ({why})")
+    failure: str | None = None
+    for r in range(args.runs):
+        for kind in kinds:
+            try:
+                res = route_once(kind, args, base, study, peers, r)
+            except IntuFailure:
+                raise
+            except Exception as exc:  # a peer did not start: record and go on
+                if kind == "intu":
+                    raise IntuFailure(f"route intu: {exc!r}") from exc
+                res = {"error": repr(exc), "seconds": None}
+            out["runs"][kind].append(res)
+            secs = res.get("seconds")
+            extra = ""
+            if "middle_cpu_seconds" in res:
+                extra = (
+                    f", {kind} cpu {res['middle_cpu_seconds']:.1f} s, "
+                    f"peak RSS {res['middle_peak_rss_mib']:.0f} MiB"
+                )
+            log(
+                f"route run {r + 1}/{args.runs} {kind}: "
+                + (f"{secs:.2f} s ({n / secs:.0f} img/s)" if secs else f"INCOMPLETE {res.get('arrived')}/{n}")
+                + extra
+            )
+            if kind == "intu" and (
+                secs is None
+                or not res.get("middle_alive", True)
+                or not res.get("uids_match")
+                or res.get("storescu_exit") != 0
+            ):
+                failure = (
+                    f"route intu run {r + 1}: {res.get('arrived')}/{n} instances arrived at storescp, "
+                    f"UIDs match={res.get('uids_match')} (missing {res.get('missing')}), storescu exit "
+                    f"{res.get('storescu_exit')}, intu alive={res.get('middle_alive')}\n"
+                    f"{res.get('log_tail', '')}\n{res.get('intu_log_tail', '')}"
+                )
+    med = {k: {"seconds": median([x.get("seconds") for x in v])} for k, v in out["runs"].items()}
+    for v in med.values():
+        v["images_per_s"] = n / v["seconds"] if v["seconds"] else None
+    med["intu"]["cpu_seconds"] = median([x.get("middle_cpu_seconds") for x in out["runs"]["intu"]])
+    for k in ("orthanc", "orthanc_rest"):
+        if out["runs"][k]:
+            med[k]["cpu_seconds"] = median([x.get("middle_cpu_seconds") for x in out["runs"][k]])
+    out["median"] = med
+    i, d = med["intu"]["seconds"], med["direct"]["seconds"]
+    orthancs = [v for v in (med["orthanc"]["seconds"], med["orthanc_rest"]["seconds"]) if v]
+    o = min(orthancs) if orthancs else None
+    out["ratios"] = {
+        "intu_over_orthanc_seconds": i / o if i and o else None,
+        "intu_over_orthanc_lua_seconds": i / med["orthanc"]["seconds"]
+        if i and med["orthanc"]["seconds"]
+        else None,
+        "intu_over_orthanc_rest_seconds": (
+            i / med["orthanc_rest"]["seconds"] if i and med["orthanc_rest"]["seconds"] else None
+        ),
+        "intu_over_direct_seconds": i / d if i and d else None,
+        "orthanc_over_direct_seconds": o / d if o and d else None,
+    }
+    if failure:
+        raise IntuFailure(failure)

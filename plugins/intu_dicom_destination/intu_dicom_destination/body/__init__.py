@@ -1,0 +1,52 @@
+"""The DICOM message body: what the `dicom` source produces and the `dicom` destination sends.
+
+A public codec: it imports pydicom and intu_core only (no networking, no CLI), so that another
+plugin (e.g. a DICOMweb STOW-RS destination) can read and write the same bodies.
+
+A body is a JSON-serialisable dict (documented in ``docs/dicom-message-body.md``)::
+
+    {"dataset": {<DICOM JSON model, PS3.18 F.2>},
+     "sop_class_uid": "...", "sop_instance_uid": "...",
+     "transfer_syntax_uid": "<transfer syntax of the stored bytes>",
+     "file": "/abs/path/of/the/stored/part10.dcm",
+     "dataset_digest": "<sha256 of the canonical JSON of 'dataset' at receive time>"}
+
+Pixel data and large binary values never enter the JSON: they are ``BulkDataURI`` references
+(``file:///abs/path.dcm?offset=N&length=M``) to the value bytes inside the stored file, and they
+are copied byte for byte, in chunks, when the instance is written again. Neither building a body
+nor writing an edited instance reads pixel data into memory as a whole.
+
+``model`` parses a Part-10 file into a body, ``part10`` writes a body back as a Part-10 file,
+``deflate`` inflates received Deflated Explicit VR Little Endian streams.
+"""
+
+from intu_dicom_destination.body.deflate import inflate_part10, read_file_meta_info_from
+from intu_dicom_destination.body.model import (
+    BULK_THRESHOLD,
+    BulkRef,
+    InvalidBody,
+    body_from_file,
+    bulk_data_uri,
+    dataset_digest,
+    parse_bulk_uri,
+)
+from intu_dicom_destination.body.part10 import (
+    PreparedInstance,
+    prepare_for_send,
+    write_part10_from_body,
+)
+
+__all__ = [
+    "BULK_THRESHOLD",
+    "BulkRef",
+    "InvalidBody",
+    "PreparedInstance",
+    "body_from_file",
+    "bulk_data_uri",
+    "dataset_digest",
+    "inflate_part10",
+    "parse_bulk_uri",
+    "prepare_for_send",
+    "read_file_meta_info_from",
+    "write_part10_from_body",
+]

@@ -1,0 +1,224 @@
+"""The message body's JSON model: a stored Part-10 file parsed into the DICOM JSON model, with
+bulk values left on disk as ``BulkDataURI`` references (``file:///abs/path.dcm?offset=N&length=M``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from intu_dicom_destination import internals
+
+#: Binary values (OB, OW, OF, OD, OL, OV, UN) longer than this many bytes become BulkDataURI
+#: references; Pixel Data (7FE0,0010) always does. Smaller ones are inlined as InlineBinary.
+BULK_THRESHOLD = 1024
+
+PIXEL_DATA = 0x7FE00010
+# Elements whose dictionary VR is "US or OW" / "US or SS or OW" and that hold LUT samples (pixel-like
+# data): in implicit VR they are read as OW. Other ambiguous numeric VRs ("US or SS") are small
+# single values (pixel padding, descriptors) and are never treated as bulk binary.
+_PIXEL_LIKE_AMBIGUOUS = frozenset({0x00281200, 0x00283006})  # Gray LUT Data, LUT Data
+_BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+_ITEM = 0xFFFEE000
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+
+
+class InvalidBody(Exception):
+    """A message body that cannot be turned into a DICOM instance; the message says why."""
+
+
+def dataset_digest(dataset: Any) -> str:
+    """SHA-256 of the canonical JSON (sorted keys, compact) of a DICOM JSON model."""
+    text = json.dumps(dataset, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def bulk_data_uri(path: Path, offset: int, length: int, *, undefined: bool = False) -> str:
+    """``file:///abs/path?offset=N&length=M`` (``&undefined=1`` for encapsulated pixel data)."""
+    uri = f"file://{quote(str(Path(path).resolve()))}?offset={offset}&length={length}"
+    return uri + "&undefined=1" if undefined else uri
+
+
+@dataclass(frozen=True)
+class BulkRef:
+    """Where a bulk value's bytes are: a byte range of a file (``undefined``: encapsulated)."""
+
+    path: Path
+    offset: int
+    length: int
+    undefined: bool
+
+
+def parse_bulk_uri(uri: Any, where: str) -> BulkRef:
+    """The byte range a ``file://`` BulkDataURI names, checked against the file's size; raises
+    ``InvalidBody`` (``where`` names the element) when it is unusable."""
+    if not isinstance(uri, str):
+        raise InvalidBody(f"{where}: BulkDataURI must be a string, found {uri!r}")
+    parts = urlsplit(uri)
+    if parts.scheme != "file" or not parts.path:
+        raise InvalidBody(
+            f"{where}: BulkDataURI {uri!r} is not supported; expected "
+            "'file:///abs/path.dcm?offset=N&length=M'"
+        )
+    query = parse_qs(parts.query)
+    try:
+        offset = int(query["offset"][0])
+        length = int(query["length"][0])
+    except (KeyError, ValueError, IndexError):
+        raise InvalidBody(
+            f"{where}: BulkDataURI {uri!r} needs integer 'offset' and 'length' query parameters"
+        ) from None
+    if offset < 0 or length < 0:
+        raise InvalidBody(f"{where}: BulkDataURI {uri!r} has a negative offset or length")
+    undefined = query.get("undefined", ["0"])[0] in ("1", "true")
+    path = Path(unquote(parts.path))
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InvalidBody(
+            f"{where}: the file behind BulkDataURI {uri!r} cannot be read ({exc.strerror})"
+        ) from None
+    if offset + length > size:
+        raise InvalidBody(f"{where}: BulkDataURI {uri!r} points past the end of {path} ({size} bytes)")
+    return BulkRef(path, offset, length, undefined)
+
+
+def _encapsulated_length(fp: BinaryIO, start: int, little_endian: bool, size: int) -> int:
+    """Bytes of the items of an undefined-length value, up to (not including) its delimiter."""
+    fmt = "<HHL" if little_endian else ">HHL"
+    pos = start
+    while pos + 8 <= size:
+        fp.seek(pos)
+        group, elem, length = struct.unpack(fmt, fp.read(8))
+        tag = group << 16 | elem
+        if tag == _SEQUENCE_DELIMITER:
+            return pos - start
+        if tag != _ITEM or length == 0xFFFFFFFF:
+            break
+        pos += 8 + length
+    raise InvalidBody(
+        f"encapsulated Pixel Data at offset {start} is malformed: expected items ending in a "
+        "sequence delimiter"
+    )
+
+
+def _bulk_vr(raw: RawDataElement) -> str:
+    """The VR to decide bulkness by (and to report for a bulk value) of a raw element.
+
+    Implicit VR files do not say; the data dictionary does, sometimes ambiguously. "OB or OW"
+    (pixel data, overlay, waveform, ...) is OW in implicit VR (PS3.5 A.1), and so is LUT data
+    ("US or OW", "US or SS or OW"). Numeric ambiguities ("US or SS") stay as they are: not a
+    binary VR, so never bulk; pydicom resolves them from Pixel Representation.
+    """
+    if raw.VR:
+        return str(raw.VR)
+    try:
+        vr = dictionary_VR(raw.tag)
+    except KeyError:
+        return "UN"
+    if " or " not in vr:
+        return vr
+    choices = vr.split(" or ")
+    if "OW" in choices and ("OB" in choices or int(raw.tag) in _PIXEL_LIKE_AMBIGUOUS):
+        return "OW"
+    return vr
+
+
+def body_from_file(path: Path) -> dict[str, Any]:
+    """Parse a stored Part-10 file into a message body, leaving bulk values on disk.
+
+    Raises ``InvalidBody`` when the file is not a DICOM instance that can be parsed.
+    """
+    path = Path(path).resolve()
+    try:
+        size = path.stat().st_size
+        ds = dcmread(path, defer_size=BULK_THRESHOLD)
+    except FileNotFoundError:
+        raise InvalidBody(f"DICOM file {path} does not exist") from None
+    except Exception as exc:  # pydicom raises many kinds of errors for bad data
+        raise InvalidBody(f"{path} is not a DICOM file that can be parsed: {exc}") from None
+
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    ts = str(meta.get("TransferSyntaxUID", "") or "")
+    if not ts:
+        raise InvalidBody(f"{path} has no Transfer Syntax UID (0002,0010) in its file meta")
+    if ts == DeflatedExplicitVRLittleEndian:
+        raise InvalidBody(
+            f"{path} is deflated; bulk data cannot point into a deflated stream "
+            "(inflate it first, e.g. with inflate_part10)"
+        )
+    little_endian = UID(ts).is_little_endian
+
+    dataset: dict[str, Any] = {}
+    elements = internals.raw_elements(ds)
+    try:
+        with open(path, "rb") as fp:
+            for tag in sorted(ds.keys()):
+                raw = elements[tag]  # deferred values stay raw: never read into memory here
+                key = f"{int(tag):08X}"
+                if isinstance(raw, RawDataElement):
+                    vr = _bulk_vr(raw)
+                    is_bulk = tag == PIXEL_DATA or (
+                        vr in _BINARY_VRS and (raw.length == 0xFFFFFFFF or raw.length > BULK_THRESHOLD)
+                    )
+                    if is_bulk and raw.length != 0:
+                        undefined = raw.length == 0xFFFFFFFF
+                        if undefined:
+                            length = _encapsulated_length(fp, raw.value_tell, little_endian, size)
+                        else:
+                            length = raw.length
+                        if raw.value_tell + length > size:
+                            raise InvalidBody(
+                                f"{path}: element ({key[:4]},{key[4:]}) claims {length} bytes at "
+                                f"offset {raw.value_tell}, past the end of the file ({size} bytes)"
+                            )
+                        dataset[key] = {
+                            "vr": vr,
+                            "BulkDataURI": bulk_data_uri(path, raw.value_tell, length, undefined=undefined),
+                        }
+                        continue
+                    if raw.length != 0xFFFFFFFF and raw.value_tell + raw.length > size:
+                        raise InvalidBody(
+                            f"{path}: element ({key[:4]},{key[4:]}) claims {raw.length} bytes at "
+                            f"offset {raw.value_tell}, past the end of the file ({size} bytes)"
+                        )
+                if tag.element == 0:
+                    continue  # group lengths are retired and go stale as soon as anything changes
+                dataset[key] = ds[tag].to_json_dict(None, BULK_THRESHOLD)
+    except InvalidBody:
+        raise
+    except Exception as exc:
+        raise InvalidBody(f"{path} is not a DICOM dataset that can be parsed: {exc}") from None
+
+    sop_class = _uid_from(dataset, "00080016") or str(meta.get("MediaStorageSOPClassUID", "") or "")
+    sop_instance = _uid_from(dataset, "00080018") or str(meta.get("MediaStorageSOPInstanceUID", "") or "")
+    if not sop_class or not sop_instance:
+        raise InvalidBody(f"{path} has no SOP Class UID (0008,0016) or SOP Instance UID (0008,0018)")
+    return {
+        "dataset": dataset,
+        "sop_class_uid": sop_class,
+        "sop_instance_uid": sop_instance,
+        "transfer_syntax_uid": ts,
+        "file": str(path),
+        "dataset_digest": dataset_digest(dataset),
+    }
+
+
+def _uid_from(dataset: Any, key: str) -> str:
+    elem = dataset.get(key) if isinstance(dataset, dict) else None
+    if isinstance(elem, dict):
+        value = elem.get("Value")
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            return value[0].strip("\0 ")
+    return ""

@@ -1,0 +1,254 @@
+"""The association pool of one destination: checkout, checkin, discard, an idle reaper.
+
+At most ``max_associations`` associations are open or opening at a time. A checkout takes the
+most recently used idle association that proposed the instance's (SOP class, transfer syntax),
+else opens a new one through the ``open`` function it was given (the exchange's), replacing the
+least recently used idle one when the pool is full. Idle associations are released after
+``idle_timeout_ms`` by a reaper thread that sleeps until the next expiry: pynetdicom's threads
+poll while an association is open, so an idle pooled association is not free.
+
+While the pool owns an association its reactor is parked (``internals.park``) and its DUL thread
+polls the socket fast only while a send is in flight: ``BUSY_DUL_DELAY`` while checked out (0 is
+a busy loop that steals the GIL and is slower), pynetdicom's 1 ms back in the pool (the next
+checkout may be soon), ``DEEP_IDLE_DUL_DELAY`` once idle for ``DEEP_IDLE_AFTER`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from intu_core import SendResult
+from intu_dicom_destination import internals
+from intu_dicom_destination.scu.contexts import Key
+from intu_dicom_destination.scu.settings import DestinationSettings
+
+BUSY_DUL_DELAY = 0.0001
+IDLE_DUL_DELAY = 0.001
+# With the reactor parked this is the only poll of an idle pooled association (~2.5 % of a core
+# at 1 ms, ~0.6 % at 5 ms); the first send after such a spell waits at most one 5 ms sleep.
+DEEP_IDLE_DUL_DELAY = 0.005
+DEEP_IDLE_AFTER = 1.0
+# Keep at most this many (SOP class, transfer syntax) pairs to propose on new associations.
+MAX_REMEMBERED = 64
+
+
+@dataclass
+class PooledAssociation:
+    """An association the pool owns, with what it proposed and what the peer accepted."""
+
+    assoc: Any  # pynetdicom.association.Association
+    number: int
+    proposed: frozenset[Key]
+    accepted: frozenset[Key]
+    sends: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    deep_idle: bool = False  # its DUL polls slowly (DEEP_IDLE_AFTER)
+
+
+class NoAssociation(Exception):
+    """No association could be had; ``result`` says why (retryable or permanent)."""
+
+    def __init__(self, result: SendResult) -> None:
+        super().__init__(result.detail)
+        self.result = result
+
+
+#: Opens an association proposing ``key`` first, then the pairs seen recently.
+Opener = Callable[[Key, list[Key]], PooledAssociation]
+
+
+class AssociationPool:
+    """Up to ``settings.max_associations`` reusable associations to one peer. Thread-safe."""
+
+    def __init__(self, settings: DestinationSettings, open: Opener, logger: logging.Logger) -> None:
+        self.settings = settings
+        self.logger = logger
+        self._open = open
+        self._cond = threading.Condition()
+        self._idle: list[PooledAssociation] = []
+        self._count = 0  # open or opening associations (idle + busy)
+        self._closed = False
+        self._known: OrderedDict[Key, None] = OrderedDict()
+        self._reaper: threading.Thread | None = None
+
+    @property
+    def open_associations(self) -> int:
+        """Associations open or opening (idle and checked out)."""
+        with self._cond:
+            return self._count
+
+    def idle(self) -> list[PooledAssociation]:
+        """The idle associations, least recently used first (a snapshot)."""
+        with self._cond:
+            return list(self._idle)
+
+    def checkout(self, key: Key) -> PooledAssociation:
+        """An association that proposed ``key``; raises ``NoAssociation`` when none can be had."""
+        to_release: list[PooledAssociation] = []
+        # Wait at most timeout_ms for a free slot: all associations busy for that long (e.g.
+        # more queue workers than max_associations, sending large instances) means "later".
+        deadline = time.monotonic() + self.settings.timeout_ms / 1000
+        try:
+            with self._cond:
+                self._known[key] = None
+                self._known.move_to_end(key, last=False)
+                while len(self._known) > MAX_REMEMBERED:
+                    self._known.popitem(last=True)
+                while True:
+                    if self._closed:
+                        raise NoAssociation(SendResult.retryable("destination is shutting down"))
+                    now = time.monotonic()
+                    for pooled in list(self._idle):
+                        if not internals.healthy(pooled.assoc) or self._expired(pooled, now):
+                            self._idle.remove(pooled)
+                            self._count -= 1
+                            to_release.append(pooled)
+                    for pooled in reversed(self._idle):  # most recently used first
+                        if key in pooled.proposed:
+                            self._idle.remove(pooled)
+                            internals.set_poll_delay(pooled.assoc, BUSY_DUL_DELAY)
+                            return pooled
+                    if self._count < self.settings.max_associations:
+                        self._count += 1
+                        break
+                    if self._idle:
+                        # Every free association lacks this SOP class / transfer syntax:
+                        # replace the least recently used one by one that proposes it.
+                        to_release.append(self._idle.pop(0))
+                        break  # count stays: the new one takes the old one's place
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise NoAssociation(
+                            SendResult.retryable(
+                                f"no association to {self.settings.address} available within "
+                                f"{self.settings.timeout_ms} ms (all {self.settings.max_associations} "
+                                "busy); will retry later"
+                            )
+                        )
+                    self._cond.wait(timeout=remaining)
+                proposals = list(self._known)
+        finally:
+            for pooled in to_release:
+                self._release(pooled)
+        try:
+            return self._open(key, proposals)
+        except BaseException:
+            with self._cond:
+                self._count -= 1
+                self._cond.notify()
+            raise
+
+    def checkin(self, pooled: PooledAssociation) -> None:
+        """Give a healthy association back after a send."""
+        pooled.last_used = time.monotonic()
+        pooled.deep_idle = False
+        internals.set_poll_delay(pooled.assoc, IDLE_DUL_DELAY)
+        release = False
+        with self._cond:
+            if self._closed or self.settings.idle_timeout_ms == 0 or not pooled.assoc.is_established:
+                self._count -= 1
+                release = True
+            else:
+                self._idle.append(pooled)
+                self._ensure_reaper()
+            self._cond.notify_all()
+        if release:
+            self._release(pooled)
+
+    def discard(self, pooled: PooledAssociation) -> None:
+        """Abort an association that must not be reused; its slot is free at once."""
+        with self._cond:
+            self._count -= 1
+            self._cond.notify_all()
+        try:
+            internals.unpark(pooled.assoc)
+            if pooled.assoc.is_established:
+                pooled.assoc.abort()
+        except Exception:  # noqa: BLE001 - the slot is free already; the caller has its result
+            self.logger.warning(
+                "cannot abort association #%d to %s", pooled.number, self.settings.address, exc_info=True
+            )
+
+    def close(self) -> None:
+        """Release every idle association and stop the reaper. Idempotent."""
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._count -= len(idle)
+            self._cond.notify_all()
+        for pooled in idle:
+            self._release(pooled)
+        if self._reaper is not None and self._reaper is not threading.current_thread():
+            self._reaper.join(timeout=5)
+
+    def _expired(self, pooled: PooledAssociation, now: float) -> bool:
+        return now - pooled.last_used >= self.settings.idle_timeout_ms / 1000
+
+    def _release(self, pooled: PooledAssociation) -> None:
+        """Release an association that is no longer counted in the pool; never raises (it is
+        called with other associations' slots at stake)."""
+        assoc = pooled.assoc
+        try:
+            was_healthy = internals.healthy(assoc)
+            internals.unpark(assoc)
+            if not was_healthy and assoc.is_alive():
+                # The (parked) reactor now handles what the peer sent while we were idle: it
+                # answers a release request or notices the abort, and ends.
+                assoc.join(1.0)
+            if assoc.is_established:
+                try:
+                    assoc.release()
+                except Exception:  # noqa: BLE001 - a dying peer must not break the caller
+                    assoc.abort()
+                self.logger.debug("released association #%d to %s", pooled.number, self.settings.address)
+        except Exception:  # noqa: BLE001
+            self.logger.warning(
+                "cannot release association #%d to %s", pooled.number, self.settings.address, exc_info=True
+            )
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or not self._reaper.is_alive():
+            self._reaper = threading.Thread(
+                target=self._reap, name=f"intu-dicom-idle-{self.settings.called_ae_title}", daemon=True
+            )
+            self._reaper.start()
+
+    def _reap(self) -> None:
+        # Sleeps until the oldest idle association expires (no polling while nothing is idle),
+        # or until one has been idle long enough to poll its socket less often.
+        while True:
+            expired: list[PooledAssociation] = []
+            with self._cond:
+                if self._closed:
+                    return
+                if not self._idle:
+                    self._cond.wait()
+                    continue
+                now = time.monotonic()
+                idle_s = self.settings.idle_timeout_ms / 1000
+                for pooled in list(self._idle):
+                    if now - pooled.last_used >= idle_s or not internals.healthy(pooled.assoc):
+                        self._idle.remove(pooled)
+                        self._count -= 1
+                        expired.append(pooled)
+                if not expired:
+                    wake = min(p.last_used for p in self._idle) + idle_s
+                    for pooled in self._idle:
+                        if pooled.deep_idle:
+                            continue
+                        if now - pooled.last_used >= DEEP_IDLE_AFTER:
+                            internals.set_poll_delay(pooled.assoc, DEEP_IDLE_DUL_DELAY)
+                            pooled.deep_idle = True
+                        else:
+                            wake = min(wake, pooled.last_used + DEEP_IDLE_AFTER)
+                    self._cond.wait(timeout=max(0.01, wake - now))
+                    continue
+                self._cond.notify_all()
+            for pooled in expired:
+                self._release(pooled)
