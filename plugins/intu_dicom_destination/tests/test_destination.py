@@ -55,6 +55,23 @@ def test_send_bodies(scp_factory, ct_files, tmp_path):
         dest.close()
 
 
+def test_delivered_bytes_are_counted_in_the_runtime_metrics(scp_factory, ct_files, tmp_path):
+    scp = scp_factory()
+    shared = runtime(tmp_path)  # one metrics registry for both destinations
+    dest = DicomDestination(settings_for(scp), shared)
+    try:
+        files = ct_files(2)
+        assert all(dest.send(Message(body=str(f))).delivered for f in files)
+        refused = DicomDestination(settings_for(scp, called_ae_title="NOT_THERE"), shared)
+        assert not refused.send(Message(body=str(files[0]))).delivered
+        refused.close()
+    finally:
+        dest.close()
+    sent = shared.metrics.collect().value("intu_bytes_sent_total", destination="pacs")
+    assert sent == sum(f.stat().st_size for f in files)  # the refused send is not counted
+    assert [scp.dataset(i).SOPInstanceUID for i in range(2)] == [dcmread(f).SOPInstanceUID for f in files]
+
+
 def test_no_room_to_prepare_an_edited_instance_is_retryable(scp_factory, ct_files, tmp_path):
     from intu_dicom_destination.body import body_from_file
 

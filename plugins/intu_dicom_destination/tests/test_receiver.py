@@ -122,6 +122,24 @@ def test_store_builds_body_file_and_metadata(source: Any, engine: Engine, ct_fil
         }
 
 
+def test_source_counts_bytes_and_associations_in_the_runtime_metrics(
+    source: Any, engine: Engine, ct_files: Any
+) -> None:
+    src = source(calling_ae_titles=("TEST_SCU",))
+    files = ct_files(3)
+    assoc = associate(src)
+    assert [assoc.send_c_store(f).Status for f in files] == [0, 0, 0]
+    assoc.release()
+    assert associate(src, scu("STRANGER")).is_rejected
+    snapshot = src.runtime.metrics.collect()
+    stored = sum(Path(m.body["file"]).stat().st_size for m in engine.messages)
+    assert stored > 3 * 32 * 1024
+    assert snapshot.value("intu_bytes_received_total", channel="dicom-router") == stored
+    counted = "intu_dicom_scp_associations_total"
+    assert snapshot.value(counted, channel="dicom-router", result="accepted") == 1
+    assert snapshot.value(counted, channel="dicom-router", result="rejected") == 1
+
+
 def test_echoscu_from_dcmtk(source: Any) -> None:
     echoscu = require_tool("echoscu")
     src = source()

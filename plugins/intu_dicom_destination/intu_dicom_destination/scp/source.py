@@ -133,6 +133,18 @@ class DicomSource:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._idle = threading.Condition(self._lock)
+        # What only the source knows; the engine counts messages received, accepted and refused.
+        metrics, channel = runtime.metrics, runtime.name
+        self._bytes_received = metrics.counter(
+            "intu_bytes_received_total", "Bytes of instances stored by a source", ["channel"]
+        ).labels(channel)
+        associations = metrics.counter(
+            "intu_dicom_scp_associations_total",
+            "Associations requested of a DICOM source",
+            ["channel", "result"],
+        )
+        self._associations_accepted = associations.labels(channel, "accepted")
+        self._associations_rejected = associations.labels(channel, "rejected")
 
     @property
     def port(self) -> int:
@@ -212,6 +224,7 @@ class DicomSource:
 
     # -- events ----------------------------------------------------------------------------
     def _on_accepted(self, event: Any) -> None:
+        self._associations_accepted.inc()
         req = event.assoc.requestor
         self.logger.info(
             "DICOM source %s: association from %s (%s:%s) accepted",
@@ -222,6 +235,7 @@ class DicomSource:
         )
 
     def _on_rejected(self, event: Any) -> None:
+        self._associations_rejected.inc()
         req = event.assoc.requestor
         self.logger.warning(
             "DICOM source %s: association from calling AE %r (%s:%s) to called AE %r rejected",
@@ -257,6 +271,7 @@ class DicomSource:
         path = self.received_dir / f"{uuid.uuid4().hex}.dcm"
         try:
             self._persist(Path(event.dataset_path), path, transfer_syntax)
+            self._bytes_received.inc(path.stat().st_size)
         except OSError as exc:
             path.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -27,6 +27,9 @@ class DicomDestination:
             # every message (the engine reports this as a configuration error).
             raise TlsConfigError(f"destination {runtime.name!r}: {exc}") from None
         self._remove_leftovers()
+        self._bytes_sent = runtime.metrics.counter(
+            "intu_bytes_sent_total", "Bytes of instances a destination delivered", ["destination"]
+        ).labels(runtime.name)
 
     def _remove_leftovers(self) -> None:
         """Delete the temporary files a crash left in the work folder.
@@ -68,6 +71,8 @@ class DicomDestination:
                 prepared.sop_instance_uid,
                 prepared.transfer_syntax_uid,
             )
+            if result.delivered:
+                self._bytes_sent.inc(prepared.path.stat().st_size)
         finally:
             prepared.cleanup()
         data = {
