@@ -161,12 +161,11 @@ def serve(ctx: click.Context) -> None:
     engine = Engine(project, state.registry())
     try:
         engine.build()
+        engine.serve_forever()
     except ConfigError as err:
         print_problems(err)
         ctx.exit(2)
-    try:
-        engine.serve_forever()
-    except (OSError, RuntimeError) as exc:  # e.g. a port already taken: one clear line, no traceback
+    except (OSError, RuntimeError) as exc:  # a port taken, a damaged queue: one clear line, no traceback
         logging.getLogger("intu.engine").debug("start failed", exc_info=True)
         click.echo(f"intu serve: {exc}", err=True)
         ctx.exit(1)

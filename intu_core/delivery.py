@@ -5,6 +5,7 @@ from the store, call ``destination.send``, and record what happened::
 
     SUCCESS / WARNING      → complete (WARNING logged with its detail)
     RETRYABLE              → retry_later after the policy's delay, or dead letter at max_attempts
+                             or once the entry is older than max_age_ms
     PERMANENT              → dead letter with the reason
     send raised            → a bug in the destination: logged with the traceback, treated as RETRYABLE
 
@@ -19,8 +20,8 @@ without a restart; that is a handful of cheap queries a minute, not a polling lo
 
 Configuration (under a destination in ``intu.yaml``)::
 
-    retry: {max_attempts: 0, backoff: exponential, initial_delay_ms: 1000, max_delay_ms: 300000,
-            jitter: 0.2}
+    retry: {max_attempts: 0, max_age_ms: 604800000, backoff: exponential, initial_delay_ms: 1000,
+            max_delay_ms: 300000, jitter: 0.2}
     queue: {enabled: true, threads: 2, max_size: 100000}
 
 Defaults, chosen for a DICOM router that must never lose an image: retry a retryable failure
@@ -29,8 +30,10 @@ jitter (so that many queued images do not hit a recovering PACS at the same inst
 for an hour, or a weekend, costs a few hundred attempts per image and loses nothing; the queue's
 depth and oldest age (``intu queue list``) are the alarm, and a source answers "out of resources"
 once ``max_size`` entries are waiting. Permanent failures (the PACS refuses the image) are
-dead-lettered at once. Set ``max_attempts`` to dead-letter retryable failures after that many
-attempts instead.
+dead-lettered at once. A retryable failure that never ends (a PACS answering 0xA700 to one image
+for ever) is dead-lettered, with its last reason, once the entry has waited ``max_age_ms`` (7 days:
+a weekend's outage still retries; ``intu queue retry`` sends it again). Set ``max_attempts`` to
+dead-letter retryable failures after that many attempts instead, ``max_age_ms: 0`` to never give up.
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ class _Uniform(Protocol):
 class RetryPolicy:
     """When to try a retryable failure again, and when to give up.
 
-    ``max_attempts``: attempts in all before dead-lettering (0 = never give up on a retryable
-    failure). The delay after attempt *n* (1-based) is ``initial`` (constant), ``initial × n``
+    ``max_attempts``: attempts in all before dead-lettering (0 = no limit on attempts);
+    ``max_age_ms``: a retryable failure of an entry enqueued longer ago than this is dead-lettered
+    (0 = no limit on age). The delay after attempt *n* (1-based) is ``initial`` (constant), ``initial × n``
     (linear) or ``initial × 2^(n-1)`` (exponential), capped at ``max_delay_ms``, then scaled by a
     random factor in ``[1 - jitter, 1 + jitter]``.
     """
@@ -72,14 +76,15 @@ class RetryPolicy:
     initial_delay_ms: int = 1000
     max_delay_ms: int = 300_000
     jitter: float = 0.2
+    max_age_ms: int = 604_800_000  # 7 days (last: positional construction keeps its meaning)
 
     def __post_init__(self) -> None:
         if self.backoff not in BACKOFFS:
             raise ValueError(f"backoff must be one of {', '.join(BACKOFFS)}, not {self.backoff!r}")
         if not 0.0 <= self.jitter <= 1.0:
             raise ValueError(f"jitter must be between 0 and 1, not {self.jitter}")
-        if self.max_attempts < 0 or self.initial_delay_ms < 0 or self.max_delay_ms < 0:
-            raise ValueError("max_attempts and delays must not be negative")
+        if min(self.max_attempts, self.initial_delay_ms, self.max_delay_ms, self.max_age_ms) < 0:
+            raise ValueError("max_attempts, max_age_ms and delays must not be negative")
 
     def delay_s(self, attempt: int, rng: _Uniform = random) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1 = the first send)."""
@@ -98,6 +103,11 @@ class RetryPolicy:
     def exhausted(self, attempts: int) -> bool:
         """True when ``attempts`` attempts used up the allowance (never when max_attempts is 0)."""
         return self.max_attempts > 0 and attempts >= self.max_attempts
+
+    def too_old(self, age_s: float) -> bool:
+        """True when an entry enqueued ``age_s`` seconds ago has waited past ``max_age_ms``
+        (never when max_age_ms is 0)."""
+        return self.max_age_ms > 0 and age_s * 1000.0 >= self.max_age_ms
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,7 @@ def parse_retry(section: Section) -> RetryPolicy:
     initial = section.int("initial_delay_ms", default.initial_delay_ms, min=0)
     maximum = section.int("max_delay_ms", max(default.max_delay_ms, initial or 0), min=0)
     jitter = section.float("jitter", default.jitter, min=0.0)
+    max_age = section.int("max_age_ms", default.max_age_ms, min=0)
     if jitter > 1.0:
         section.error("jitter", f"expected a fraction from 0 to 1, found {jitter}")
         jitter = default.jitter
@@ -125,7 +136,7 @@ def parse_retry(section: Section) -> RetryPolicy:
         section.error("max_delay_ms", f"expected at least initial_delay_ms ({initial}), found {maximum}")
         maximum = initial
     section.done()
-    return RetryPolicy(max_attempts, backoff, initial, maximum, max(0.0, jitter))
+    return RetryPolicy(max_attempts, backoff, initial, maximum, max(0.0, jitter), max_age)
 
 
 def parse_queue(section: Section) -> QueueSettings:
@@ -360,7 +371,11 @@ class DeliveryWorkers:
                 self.log.info("queue %s: %s delivered after %d attempts", self.queue, what, attempt)
             else:
                 self.log.debug("queue %s: %s delivered", self.queue, what)
-        elif status is SendStatus.RETRYABLE and not self.policy.exhausted(attempt):
+        elif (
+            status is SendStatus.RETRYABLE
+            and not self.policy.exhausted(attempt)
+            and not self.policy.too_old(age := time.time() - entry.created_at)
+        ):
             delay = self.policy.delay_s(attempt)
             self.store.retry_later(entry.id, result, time.time() + delay)
             self._retried.inc()
@@ -373,9 +388,19 @@ class DeliveryWorkers:
                 delay,
             )
         else:
+            reason = "failed permanently" if status is SendStatus.PERMANENT else "gave up"
+            if status is SendStatus.RETRYABLE and not self.policy.exhausted(attempt):
+                # Out of time, not of attempts: say so in the reason kept with the dead letter.
+                reason = f"gave up (waiting for {age / 3600:.1f} h, past retry.max_age_ms)"
+                result = SendResult(
+                    result.status,
+                    f"gave up after {attempt} attempts over {age / 3600:.1f} h (retry.max_age_ms "
+                    f"{self.policy.max_age_ms}); last: {result.detail}",
+                    result.code,
+                    result.data,
+                )
             self.store.dead_letter(entry.id, result)
             self._dead.inc()
-            reason = "failed permanently" if status is SendStatus.PERMANENT else "gave up"
             self.log.error(
                 "queue %s: %s dead-lettered, %s after %d attempt(s): %s (see: intu queue show %s)",
                 self.queue,

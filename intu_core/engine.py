@@ -27,12 +27,17 @@ from intu_core.message import Acceptance, AcceptanceStatus, Message, SendResult,
 from intu_core.metrics import CounterChild, EngineMetrics, MetricsRegistry
 from intu_core.pipeline import Pipeline
 from intu_core.plugins import PluginRegistry
-from intu_core.queue import QueueStore, QueueUnavailable, channel_queue
+from intu_core.queue import DEFAULT_LEASE_S, QueueStore, QueueUnavailable, channel_queue
 from intu_core.queue.opener import open_queue
+from intu_core.queue.sqlite import DB_NAME
+from intu_core.spool import SPOOL, quarantine_orphans
 from intu_core.types import Destination, Runtime, Source
 from intu_core.view import ChannelState, EngineView
 
 log = logging.getLogger("intu.engine")
+
+# queue.db and the files SQLite keeps beside it (a backend elsewhere has none of them here).
+_DB_FILES = ("", "-wal", "-shm")
 
 # A replayed message that meets a full queue waits and tries again; one that errors again is kept
 # as a dead letter of the channel's queue, with the new traceback.
@@ -98,7 +103,7 @@ class Engine:
         """Load stage files and create destinations and sources; raise ConfigError on problems."""
         enabled = [c for c in self.project.channels if c.enabled]
         pipelines = self._load_pipelines()
-        self.project.data_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_data_dir()
         self._lock_data_dir()
         try:
             self.store = open_queue(self.project, self.registry)
@@ -154,6 +159,34 @@ class Engine:
             self._lock_file.close()
             raise ConfigError(problems)
 
+    def _prepare_data_dir(self) -> None:
+        """Create the data folder private to the service user (it and ``queue.db`` hold patient
+        data), and tighten an existing one, with a line saying so."""
+        data_dir = self.project.data_dir
+        try:
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:  # intu validate reports the usual cases; this is what is left
+            raise ConfigError(
+                [
+                    Problem(
+                        self.project.config_file,
+                        "data_dir",
+                        f"cannot create the data folder {data_dir}: {exc.strerror or exc}",
+                    )
+                ]
+            ) from None
+        for path, private in [(data_dir, 0o700), *((data_dir / f"{DB_NAME}{s}", 0o600) for s in _DB_FILES)]:
+            try:
+                mode = path.stat().st_mode & 0o777
+                if mode & 0o077:
+                    path.chmod(private)
+                    log.warning(
+                        "made %s private to the service user (mode %o, was %o): it holds patient data",
+                        path, private, mode,
+                    )  # fmt: skip
+            except FileNotFoundError:
+                pass
+
     def _lock_data_dir(self) -> None:
         # Two engines on one data folder would each recover (and re-send) the other's in-flight
         # messages; the lock is released by the OS even after kill -9.
@@ -196,6 +229,9 @@ class Engine:
                     config.queue.threads,
                     logging.getLogger(f"intu.destination.{name}"),
                     metrics=self.engine_metrics,
+                    # A shared queue's backend sets how long a claim lasts (how soon another node
+                    # takes over a dead node's entries); the embedded one keeps the default.
+                    lease_s=getattr(self.store, "lease_s", DEFAULT_LEASE_S),
                 )
                 workers.start()
                 self.workers[name] = workers
@@ -220,15 +256,18 @@ class Engine:
         self.registry.hook.intu_engine_started(engine=self.view)
 
     def _sweep_spool(self) -> None:
-        """Delete spooled files that no entry refers to: a crash between a source writing a file
-        and the engine queueing its message leaves one behind (see ``Runtime.spool_dir``)."""
+        """Move spooled files that no entry refers to into quarantine, never delete them: a crash
+        between a source writing a file and the engine queueing its message leaves one behind,
+        but so does a lost or replaced queue database, for every instance it held."""
         assert self.store is not None
-        spool = self.project.data_dir / "spool"
-        if spool.is_dir():
-            files = [str(p) for p in spool.rglob("*") if p.is_file()]
-            swept = self.store.release_files(files)
-            if swept:
-                log.info("removed %d file(s) left in %s by an earlier crash", swept, spool)
+        moved = quarantine_orphans(self.store, self.project.data_dir)
+        if moved.count:
+            log.warning(
+                "moved %d file(s) that no queued message refers to from %s to %s: left by a crash"
+                " before they were queued, or the queue database was lost or replaced. If so, run"
+                " `intu queue recover` to queue them again; otherwise delete the folder when done",
+                moved.count, self.project.data_dir / SPOOL, moved.folder,
+            )  # fmt: skip
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let in-flight associations and sends finish, then close everything."""
@@ -395,8 +434,16 @@ class Engine:
 
     def _release(self, files: Iterable[str]) -> None:
         """Delete message files that no queued or kept entry refers to."""
-        if self.store is not None and files:
-            self.store.release_files(list(files))
+        paths = list(files)
+        if self.store is not None and paths:
+            try:
+                self.store.release_files(paths)
+            except QueueUnavailable as exc:
+                # Keep them: an enqueue whose commit answer was lost may refer to them, and the
+                # start-up sweep sets aside the ones no entry needs.
+                log.warning(
+                    "kept %d message file(s): the queue cannot say if they are needed: %s", len(paths), exc
+                )
 
     # -- for tests and operators -----------------------------------------------------------
     def channel(self, name: str) -> ChannelRuntime:

@@ -25,6 +25,8 @@ The engine calls these hooks:
 * ``intu_write_message_file`` when the built-in ``file`` destination writes a message, so a
   plugin that knows a body format (the DICOM plugin: Part-10 files) can write it natively.
 * ``intu_cli_commands`` when the ``intu`` command line starts, to add sub-commands.
+* ``intu_message_from_file`` when ``intu queue recover`` re-enqueues a quarantined file, so the
+  plugin whose source wrote it rebuilds its message.
 * ``intu_engine_started`` and ``intu_engine_stopping`` around ``intu serve``, with a read-only
   ``EngineView`` (channels and their state, destinations, queue statistics, metrics, settings).
 """
@@ -133,6 +135,19 @@ def intu_write_message_file(message: Message, directory: Path) -> Path | None:
     own JSON/bytes writer) handle it. The first non-``None`` answer wins. Example: the DICOM
     plugin writes a DICOM body as ``<SOPInstanceUID>.dcm``. The write should be durable
     (fsync) before returning. Since 0.1.
+    """
+
+
+@hookspec(firstresult=True)
+def intu_message_from_file(source_type: str, path: Path, channel: str) -> Message | None:
+    """Rebuild the message a source of type ``source_type`` made from the file at ``path``.
+
+    ``intu queue recover`` calls it for each quarantined file (received by channel ``channel``,
+    moved back into its spool folder): answer a ``Message`` for ``channel`` whose ``files`` hold
+    ``path`` and whose body refers to it where the source's bodies do, or ``None`` when this
+    plugin does not own ``source_type``. Raise ``ValueError`` for a file that cannot be read as
+    such a message (it stays in quarantine, with the reason printed). Example: the DICOM plugin
+    parses a Part-10 file with ``body_from_file``. Since 0.3.
     """
 
 

@@ -47,8 +47,9 @@ class Runtime:
     def spool_dir(self) -> Path:
         """Where a source keeps the files its messages refer to (``Message.files``).
 
-        At start the engine deletes files here that no queue entry refers to (left by a crash
-        between writing a file and queueing its message), so keep nothing else in it."""
+        At start the engine moves files here that no queue entry refers to (left by a crash
+        between writing a file and queueing its message) into the data folder's quarantine, so
+        keep nothing else in it; ``intu_message_from_file`` rebuilds a message from such a file."""
         return self.data_dir / "spool" / self.name
 
 

@@ -172,3 +172,45 @@ def test_a_source_filter_given_twice_is_an_error(tmp_path):
     write(tmp_path / "channels" / "inbound" / "b.py", "def filter(msg, ctx):\n    return True\n")
     (problem,) = problems_of(tmp_path)
     assert "channel.yaml:10: filter: the source filter is given twice" in problem
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", ".hidden", "", "x" * 65, "spa ce"])
+def test_a_channel_name_that_is_not_a_safe_folder_name_is_an_error(tmp_path, name):
+    project(tmp_path, channel=GOOD_CHANNEL.replace("name: inbound", f"name: {name!r}"))
+    [problem] = problems_of(tmp_path)
+    assert problem.startswith(f"{tmp_path / 'channels' / 'inbound' / 'channel.yaml'}:1: name: channel name")
+    assert "letters, digits" in problem
+    assert not (tmp_path.parent / "escape").exists()
+
+
+def test_safe_channel_names_load(tmp_path):
+    project(tmp_path, channel=GOOD_CHANNEL.replace("name: inbound", "name: CT_2.router-1"))
+    assert load_project(tmp_path, registry_with(manual_source)).channels[0].name == "CT_2.router-1"
+
+
+def test_a_channel_folder_with_an_unsafe_name_and_no_name_key_says_where(tmp_path):
+    write(tmp_path / "intu.yaml", GOOD_ROOT)
+    write(tmp_path / "channels" / "two words" / "channel.yaml", GOOD_CHANNEL.replace("name: inbound", ""))
+    [problem] = problems_of(tmp_path)
+    assert "channel name 'two words'" in problem and "rename" in problem
+
+
+@pytest.mark.parametrize("where", ["data", "blocked/data"])
+def test_a_data_dir_that_is_a_file_is_found_by_validate(tmp_path, where):
+    project(tmp_path, root=GOOD_ROOT + f"    data_dir: {where}\n")
+    (tmp_path / where.split("/")[0]).write_text("a file, not a folder")
+    [problem] = problems_of(tmp_path)
+    assert problem.startswith(f"{tmp_path / 'intu.yaml'}:9: data_dir: the data folder")
+    assert ("is a file" if where == "data" else "cannot be created") in problem
+    result = CliRunner().invoke(cli, ["--dir", str(tmp_path), "validate"])
+    assert result.exit_code == 1 and "data_dir: the data folder" in result.output
+
+
+def test_a_data_dir_that_cannot_be_written_is_found_by_validate(tmp_path, monkeypatch):
+    import os
+
+    project(tmp_path)
+    # Root may write anywhere: ask os.access the question a service user would get "no" to.
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    [problem] = problems_of(tmp_path)
+    assert "data folder" in problem and "not writable" in problem

@@ -311,3 +311,28 @@ def test_workers_renew_the_lease_of_an_entry_while_its_send_takes_long(tmp_path,
     assert workers.stop(5)
     other_engine.close()
     engine_store.close()
+
+
+def test_retry_max_age_bounds_retryable_failures_and_is_validated() -> None:
+    default = parse_retry(section(None))
+    assert default.max_age_ms == 7 * 24 * 3600 * 1000  # a weekend's outage still retries
+    assert not default.too_old(3 * 24 * 3600) and default.too_old(8 * 24 * 3600)
+    assert not RetryPolicy(max_age_ms=0).too_old(10**9)  # 0: no limit
+    s = section({"max_age_ms": -5})
+    parse_retry(s)
+    assert any("max_age_ms" in p.key_path and "at least 0" in p.message for p in s.problems), [
+        (p.key_path, p.message) for p in s.problems
+    ]
+    with pytest.raises(ValueError, match="max_age_ms"):
+        RetryPolicy(max_age_ms=-1)
+
+
+def test_an_entry_older_than_max_age_is_dead_lettered_with_the_reason(store, running) -> None:
+    policy = RetryPolicy(initial_delay_ms=20, max_delay_ms=40, jitter=0.0, max_age_ms=300)
+    dest = ScriptedDestination({1: [SendResult.retryable("refused for now: 0xA700", code=0xA700)] * 1000})
+    ids = enqueue(store, 1, 2)
+    workers = running(store, "pacs", dest, policy, 1)
+    wait_for(lambda: workers.counts["dead"] == 1 and workers.counts["delivered"] == 1)
+    dead = store.get(ids[0])
+    assert dead is not None and dead.state is EntryState.DEAD and dead.attempts > 1
+    assert dead.last_error.startswith("gave up after") and "0xA700" in dead.last_error

@@ -10,6 +10,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import pytest
 from project_files import fake_distribution, write
 
 from intu_core import hookimpl
@@ -199,7 +200,7 @@ def test_a_transformer_that_builds_a_new_message_keeps_the_received_files(tmp_pa
     assert attachment.exists() and entry.message.files == (str(attachment),)
 
 
-def test_files_left_in_the_spool_by_a_crash_are_swept_at_start(tmp_path):
+def test_files_left_in_the_spool_by_a_crash_are_quarantined_at_start(tmp_path, caplog):
     queued_project(tmp_path, directory="blocked/out")
     (tmp_path / "blocked").write_text("not a folder")
     spool = tmp_path / "data" / "spool" / "inbound"
@@ -211,7 +212,55 @@ def test_files_left_in_the_spool_by_a_crash_are_swept_at_start(tmp_path):
     orphan.write_bytes(b"written, then the engine died before queueing it")
     with running_engine(tmp_path, registry_with(manual_source)):
         pass
-    assert kept.exists() and not orphan.exists()
+    # Moved aside, never deleted: a lost queue database would make every file look like this one.
+    [moved] = (tmp_path / "data" / "quarantine").glob("*/inbound/orphan.dcm")
+    assert kept.exists() and not orphan.exists() and moved.read_bytes().startswith(b"written")
+    [line] = [r for r in caplog.records if "quarantine" in r.getMessage()]
+    assert line.levelname == "WARNING" and "moved 1 file(s)" in line.getMessage()
+    assert "intu queue recover" in line.getMessage()
+
+
+def test_the_data_folder_and_queue_are_private_and_tightened_at_start(tmp_path, caplog):
+    queued_project(tmp_path)
+    with running_engine(tmp_path, registry_with(manual_source)):
+        pass
+    data = tmp_path / "data"
+    assert data.stat().st_mode & 0o777 == 0o700
+    assert (data / "queue.db").stat().st_mode & 0o777 == 0o600
+    assert not [r for r in caplog.records if "private" in r.getMessage()]
+    data.chmod(0o755)
+    (data / "queue.db").chmod(0o644)
+    with running_engine(tmp_path, registry_with(manual_source)):
+        pass
+    assert data.stat().st_mode & 0o777 == 0o700
+    assert (data / "queue.db").stat().st_mode & 0o777 == 0o600
+    lines = [r.getMessage() for r in caplog.records if "private" in r.getMessage()]
+    assert len(lines) == 2 and "was 755" in lines[0] and "was 644" in lines[1], lines
+
+
+@pytest.mark.parametrize("damage", ["header", "page"])
+def test_a_damaged_queue_database_stops_the_start_and_keeps_every_file(tmp_path, damage):
+    from intu_core.queue import QueueDamaged
+
+    queued_project(tmp_path, directory="blocked/out")
+    (tmp_path / "blocked").write_text("not a folder")  # nothing is delivered: the files stay queued
+    files = []
+    with running_engine(tmp_path, registry_with(manual_source)) as engine:
+        for n in range(2):
+            path = tmp_path / "data" / "spool" / "inbound" / f"{n}.dcm"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+            assert engine_deliver(engine, "inbound", Message(body={}, files=(str(path),))).ok
+            files.append(path)
+    db = tmp_path / "data" / "queue.db"
+    with open(db, "r+b") as f:
+        f.seek(0 if damage == "header" else 4096)  # the header, or the first page after it
+        f.write(b"junk, not what SQLite wrote" * 100)
+    with pytest.raises(QueueDamaged, match="is damaged .*intu queue recover"):
+        with running_engine(tmp_path, registry_with(manual_source)):
+            pass
+    assert all(p.exists() for p in files)
+    assert not (tmp_path / "data" / "quarantine").exists()
 
 
 def test_a_destination_that_cannot_be_created_is_a_configuration_error(tmp_path):

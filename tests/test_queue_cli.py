@@ -16,7 +16,13 @@ from intu_core.message import Message, SendResult
 from intu_core.plugins import PluginRegistry
 from intu_core.queue import EntryState, QueueBackend, QueueRuntime, QueueStore, channel_queue
 from intu_core.queue.commands import queue
-from intu_core.queue.sqlite import SqliteQueueStore, SqliteSettings, open_sqlite, parse_sqlite_settings
+from intu_core.queue.sqlite import (
+    DB_NAME,
+    SqliteQueueStore,
+    SqliteSettings,
+    open_sqlite,
+    parse_sqlite_settings,
+)
 from intu_core.testing import registry_with
 
 
@@ -221,3 +227,130 @@ def test_the_commands_open_the_backend_chosen_in_intu_yaml(data_dir: Path, fille
     assert result.exit_code == 0, result.output
     assert {s["queue"] for s in json.loads(result.output)} == {"pacs", "archive", "channel:router"}
     assert opened == [QueueRuntime(data_dir, None, create=False)]
+
+
+# -- unknown ids -----------------------------------------------------------------------------
+def test_retry_and_purge_of_unknown_ids_fail_and_change_nothing(
+    data_dir: Path, filled: dict[str, str]
+) -> None:
+    result = run(data_dir, "retry", filled["dead"], "no-such-id")
+    assert result.exit_code == 1 and "no queue entry no-such-id; nothing was changed" in result.output
+    result = run(data_dir, "purge", "--yes", filled["dead"], "typo-1", "typo-2")
+    assert result.exit_code == 1 and "no queue entries typo-1, typo-2" in result.output
+    with SqliteQueueStore(data_dir) as store:
+        assert store.get(filled["dead"]).state is EntryState.DEAD  # type: ignore[union-attr]
+    # Known but not in a state the command acts on: said, and not a success either.
+    result = run(data_dir, "retry", filled["pending"])
+    assert result.exit_code == 1 and "were not retried" in result.output
+    result = run(data_dir, "purge", "--yes", filled["flying"])
+    assert result.exit_code == 1 and "in flight" in result.output
+
+
+# -- recover ---------------------------------------------------------------------------------
+@hookimpl
+def intu_message_from_file(source_type: str, path: Path, channel: str) -> Message | None:
+    """What a plugin whose source wrote text files would answer."""
+    if source_type != "manual":
+        return None
+    text = path.read_text()
+    if text.startswith("junk"):
+        raise ValueError("not a message file")
+    return Message(body={"text": text}, channel=channel, files=(str(path),))
+
+
+class RecoverState(State):
+    """A project with channel ``inbound`` (a manual source) queueing to a file destination."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir)
+        (self.root / "intu.yaml").write_text(
+            f"data_dir: {data_dir.name}\ndestinations:\n  archive:\n    type: file\n"
+            "    file: {directory: out}\n    queue: {enabled: true, threads: 1}\n"
+        )
+        channel = self.root / "channels" / "inbound" / "channel.yaml"
+        channel.parent.mkdir(parents=True)
+        channel.write_text("source: {type: manual}\ndestinations: [archive]\n")
+
+    def registry(self) -> PluginRegistry:
+        from intu_core.testing import manual_source
+
+        plugin = SimpleNamespace(intu_message_from_file=intu_message_from_file, __name__="textfiles")
+        return registry_with(manual_source, plugin)
+
+
+def test_recover_queues_quarantined_and_orphaned_files_through_their_channel(data_dir: Path) -> None:
+    from intu_core.testing import running_engine
+
+    state = RecoverState(data_dir)
+    quarantined = data_dir / "quarantine" / "2026-01-02" / "inbound" / "a.txt"
+    orphan = data_dir / "spool" / "inbound" / "b.txt"
+    junk = data_dir / "quarantine" / "2026-01-02" / "inbound" / "c.txt"
+    gone = data_dir / "quarantine" / "2026-01-02" / "old-channel" / "d.txt"
+    for path, text in ((quarantined, "first"), (orphan, "second"), (junk, "junk"), (gone, "fourth")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    dry = run(data_dir, "recover", "--dry-run", obj=state)
+    assert dry.exit_code == 1, dry.output  # two files cannot be recovered: said, with why
+    assert "1 spooled file(s) no queued message refers to would be recovered" in dry.output
+    assert "1 quarantined file(s) would be queued" in dry.output
+    assert f"{junk}: left in quarantine: cannot rebuild its message: not a message file" in dry.output
+    assert f"{gone}: left in quarantine: no channel named 'old-channel'" in dry.output
+    assert quarantined.exists() and orphan.exists() and not (data_dir / DB_NAME).exists()
+
+    result = run(data_dir, "recover", obj=state)
+    assert result.exit_code == 1, result.output
+    assert "moved 1 spooled file(s)" in result.output and "2 file(s) queued" in result.output
+    assert junk.exists() and gone.exists() and not quarantined.exists()
+    with SqliteQueueStore(data_dir) as store:
+        entries = store.list_entries(queue=channel_queue("inbound"))
+    assert sorted(e.message.body["text"] for e in entries) == ["first", "second"]
+    assert all(Path(e.message.files[0]).parent == data_dir / "spool" / "inbound" for e in entries)
+
+    # The engine runs them through the channel (its replay worker) to the destination.
+    with running_engine(state.root, state.registry()) as engine:
+        assert wait_for(lambda: len(list((state.root / "out").glob("*"))) == 2)
+        stats = {s.queue: s for s in engine.store.stats()}
+    assert stats["archive"].delivered == 2 and stats[channel_queue("inbound")].depth == 0
+    assert sorted(json.loads(p.read_text())["body"]["text"] for p in (state.root / "out").glob("*")) == [
+        "first",
+        "second",
+    ]
+    assert not list((data_dir / "spool" / "inbound").glob("*"))  # delivered: released
+
+
+def test_recover_while_serve_runs_leaves_the_spool_alone(data_dir: Path) -> None:
+    from intu_core.testing import running_engine
+
+    state = RecoverState(data_dir)
+    quarantined = data_dir / "quarantine" / "2026-01-02" / "inbound" / "a.txt"
+    quarantined.parent.mkdir(parents=True)
+    quarantined.write_text("first")
+    with running_engine(state.root, state.registry()):
+        receiving = data_dir / "spool" / "inbound" / "being-received.txt"
+        receiving.parent.mkdir(parents=True)
+        receiving.write_text("a source wrote it and has not handed it over yet")
+        result = run(data_dir, "recover", obj=state)
+        assert result.exit_code == 0, result.output
+        assert "intu serve is running" in result.output and "1 file(s) queued" in result.output
+        assert receiving.exists()
+        assert wait_for(lambda: len(list((state.root / "out").glob("*"))) == 1)
+        receiving.unlink()
+
+
+def test_recover_refuses_a_damaged_queue(data_dir: Path, filled: dict[str, str]) -> None:
+    state = RecoverState(data_dir)
+    (data_dir / DB_NAME).write_bytes(b"junk" * 2000)
+    result = run(data_dir, "recover", obj=state)
+    assert result.exit_code == 1 and "is damaged" in result.output and "move it aside" in result.output
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())

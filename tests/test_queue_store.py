@@ -7,13 +7,14 @@ import json
 import sqlite3
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from intu_core.config.problems import ConfigError
 from intu_core.config.project import load_project
 from intu_core.message import AcceptanceStatus, Message, SendResult
-from intu_core.queue import EntryState, QueueNotFound, QueueStore, QueueUnavailable
+from intu_core.queue import EntryState, QueueDamaged, QueueNotFound, QueueStore, QueueUnavailable
 from intu_core.queue.opener import open_queue
 from intu_core.queue.sqlite import DB_NAME, SCHEMA_VERSION, SqliteQueueStore, SqliteSettings
 from intu_core.testing import engine_deliver, manual_source, registry_with, running_engine
@@ -37,7 +38,7 @@ def store(tmp_path: Path):
 def test_it_is_in_wal_mode_with_full_sync(store: SqliteQueueStore) -> None:
     conn = sqlite3.connect(store.path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     conn.close()
     with store._read() as c:
         assert c.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
@@ -140,7 +141,7 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
 
     store = SqliteQueueStore(data_dir)
     with store._read() as c:
-        assert c.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     # What was in flight when the old engine stopped is sent again, as before leases.
     assert store.recover() == 1
     [stats] = store.stats()
@@ -156,6 +157,121 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     again = SqliteQueueStore(data_dir)  # upgraded once: the same node, nothing to migrate
     assert again.node_id == node
     again.close()
+
+
+def write_v2_database(data_dir: Path, spooled: Path) -> None:
+    """A queue.db as intu 0.2 left it (absolute paths): one pending entry whose body names its
+    spooled file as a path and as a ``file://`` URI, the way a DICOM body does."""
+    SqliteQueueStore(data_dir).close()
+    conn = sqlite3.connect(data_dir / DB_NAME)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("DELETE FROM meta")
+    conn.execute("INSERT INTO meta VALUES ('node_id', 'old-node')")
+    body = {"file": str(spooled), "pixels": f"file://{spooled}?offset=10&length=4", "other": "/etc/hosts"}
+    message = Message(body=body, files=(str(spooled),))
+    now = time.time()
+    conn.execute(
+        "INSERT INTO entries (id, queue, state, next_attempt_at, created_at, updated_at, files, message)"
+        " VALUES ('old', 'pacs', 'pending', ?, ?, ?, ?, ?)",
+        (now, now, now, json.dumps([str(spooled)]), json.dumps(message.to_json())),
+    )
+    conn.execute("INSERT INTO files VALUES (?, 1)", (str(spooled),))
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("moved", [False, True])
+def test_a_version_2_database_is_upgraded_to_paths_relative_to_the_data_folder(
+    tmp_path: Path, moved: bool
+) -> None:
+    data_dir = tmp_path / "old" / "data"
+    spooled = data_dir / "spool" / "router" / "a.dcm"
+    spooled.parent.mkdir(parents=True)
+    spooled.write_bytes(b"DICM")
+    write_v2_database(data_dir, spooled)
+    if moved:  # the project was moved before the new intu first opened it
+        (tmp_path / "old").rename(tmp_path / "new")
+        data_dir = tmp_path / "new" / "data"
+        spooled = data_dir / "spool" / "router" / "a.dcm"
+
+    store = SqliteQueueStore(data_dir)
+    with store._read() as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert [tuple(r) for r in c.execute("SELECT path FROM files")] == [("spool/router/a.dcm",)]
+        assert c.execute("SELECT files FROM entries").fetchone()[0] == '["spool/router/a.dcm"]'
+    [entry] = store.list_entries()
+    assert entry.message.files == (str(spooled),)
+    assert entry.message.body == {
+        "file": str(spooled),
+        "pixels": f"file://{spooled}?offset=10&length=4",
+        "other": "/etc/hosts",  # outside the data folder: as it was
+    }
+    assert store.node_id == "sqlite-old-node"
+    assert store.unreferenced([str(spooled), str(data_dir / "spool" / "router" / "b.dcm")]) == [
+        str(data_dir / "spool" / "router" / "b.dcm")
+    ]
+    claimed = store.claim("pacs")
+    assert claimed is not None and store.complete(claimed.id)
+    assert not spooled.exists()  # the reference count carried over, under the relative path
+    store.close()
+
+
+def test_a_moved_data_folder_keeps_its_queue_and_files(tmp_path: Path) -> None:
+    data_dir = tmp_path / "a" / "data"
+    spooled = data_dir / "spool" / "router" / "with space.dcm"
+    spooled.parent.mkdir(parents=True)
+    spooled.write_bytes(b"DICM")
+    uri = f"file://{quote(str(spooled))}?offset=0&length=4"
+    with SqliteQueueStore(data_dir) as store:
+        store.enqueue([("pacs", Message(body={"uri": uri, "file": str(spooled)}, files=(str(spooled),)))])
+    (tmp_path / "a").rename(tmp_path / "b moved")
+    data_dir = tmp_path / "b moved" / "data"
+    spooled = data_dir / "spool" / "router" / "with space.dcm"
+    with SqliteQueueStore(data_dir) as store:
+        assert store.unreferenced([str(spooled)]) == []
+        entry = store.claim("pacs")
+        assert entry is not None
+        assert entry.message.files == (str(spooled),)
+        assert entry.message.body == {
+            "uri": f"file://{quote(str(spooled))}?offset=0&length=4",
+            "file": str(spooled),
+        }
+        assert store.complete(entry.id)
+    assert not spooled.exists()
+
+
+def test_files_outside_the_data_folder_are_kept_absolute(tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.dcm"
+    outside.write_bytes(b"DICM")
+    with SqliteQueueStore(tmp_path / "data") as store:
+        store.enqueue([("pacs", Message(body={"f": str(outside)}, files=(str(outside),)))])
+        with store._read() as c:
+            assert [tuple(r) for r in c.execute("SELECT path FROM files")] == [(str(outside),)]
+        assert store.unreferenced([str(outside)]) == []
+        [entry] = store.list_entries()
+        assert entry.message.body == {"f": str(outside)}
+
+
+def test_the_database_is_created_private_to_the_service_user(tmp_path: Path) -> None:
+    with SqliteQueueStore(tmp_path / "data") as store:
+        store.enqueue([("pacs", msg(1))])
+        for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm"):
+            assert (tmp_path / "data" / name).stat().st_mode & 0o777 == 0o600, name
+    assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("damage", ["empty-header", "header", "page"])
+def test_a_damaged_database_is_refused_with_what_to_do(tmp_path: Path, damage: str) -> None:
+    with SqliteQueueStore(tmp_path) as store:
+        store.enqueue([("pacs", msg(n)) for n in range(200)])
+    with open(tmp_path / DB_NAME, "r+b") as f:
+        f.seek(4096 if damage == "page" else 0)
+        f.write(b"\0" * 100 if damage == "empty-header" else b"junk" * 1024)
+    with pytest.raises(QueueDamaged) as raised:
+        SqliteQueueStore(tmp_path, check=True).close()
+    text = str(raised.value)
+    assert "is damaged" in text and "intu queue recover" in text and "restore" in text
+    assert isinstance(raised.value, QueueUnavailable)  # callers that only know that one still cope
 
 
 def test_a_database_of_a_newer_intu_is_refused(tmp_path: Path) -> None:
@@ -338,3 +454,47 @@ def test_open_queue_creates_only_when_asked(tmp_path: Path) -> None:
     looking = open_queue(project, registry_with(), create=False, node_id="operator")
     assert looking.node_id == "operator" and looking.list_entries()[0].state is EntryState.PENDING
     looking.close()
+
+
+# -- the disk reserve ------------------------------------------------------------------------
+def test_the_reserve_is_kept_released_on_a_full_disk_and_taken_again(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from intu_core.queue import reserve as reserve_module
+    from intu_core.queue.reserve import RESERVE_NAME
+
+    store = SqliteQueueStore(tmp_path, reserve_bytes=1024 * 1024)
+    path = tmp_path / RESERVE_NAME
+    assert path.stat().st_size == 1024 * 1024 and path.stat().st_blocks * 512 >= 1024 * 1024  # not sparse
+    [entry_id] = store.enqueue([("q", msg(1))])
+    assert store._reserve is not None and store._reserve.release()
+    assert not path.exists()
+    # While the disk has no room for it again, new messages are refused and delivery goes on.
+    usage = namedtuple("usage", "total used free")
+    real_disk_usage = shutil.disk_usage
+    monkeypatch.setattr(reserve_module.shutil, "disk_usage", lambda _: usage(10, 10, 1024))
+    with pytest.raises(QueueUnavailable, match="reserve is in use"):
+        store.enqueue([("q", msg(2))])
+    claimed = store.claim("q")
+    assert claimed is not None and store.complete(claimed.id)
+    assert not path.exists()
+    monkeypatch.setattr(reserve_module.shutil, "disk_usage", real_disk_usage)
+    assert store.enqueue([("q", msg(3))])  # room again: the reserve first, then the message
+    assert path.stat().st_size == 1024 * 1024
+    store.close()
+
+
+def test_a_store_opened_for_looking_keeps_no_reserve(tmp_path: Path) -> None:
+    from intu_core.queue.reserve import RESERVE_NAME
+
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "intu.yaml").write_text("queue: {backend: sqlite, reserve_mb: 2}\n")
+    loaded = load_project(project, registry_with())
+    assert loaded.queue.settings == SqliteSettings(reserve_mb=2)
+    open_queue(loaded, registry_with()).close()
+    assert (loaded.data_dir / RESERVE_NAME).stat().st_size == 2 * 1024 * 1024
+    (loaded.data_dir / RESERVE_NAME).unlink()
+    open_queue(loaded, registry_with(), create=False).close()
+    assert not (loaded.data_dir / RESERVE_NAME).exists()

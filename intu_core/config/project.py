@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ CHANNEL_FILE = "channel.yaml"
 DEFAULT_TRANSFORMER = "transformer.py"
 DEFAULT_FILTER = "filter.py"
 DEFAULT_QUEUE_BACKEND = "sqlite"
+#: What a channel may be called: its name names folders under the data folder (spool/<name>/).
+CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ def load_project(path: Path, registry: PluginRegistry, env: Mapping[str, str] | 
     channels_dir = root / top.str("channels_dir", "channels")
     data_dir = Path(top.str("data_dir", "data"))
     data_dir = data_dir if data_dir.is_absolute() else root / data_dir
+    _check_data_dir(top, data_dir)
     min_free = top.int("min_free_disk_mb", 512, min=0)
     queue = _parse_queue(top.section("queue"), registry)
 
@@ -161,6 +165,23 @@ def load_project(path: Path, registry: PluginRegistry, env: Mapping[str, str] | 
         channels=tuple(channels),
         plugin_settings=plugin_settings,
     )
+
+
+def _check_data_dir(top: Section, data_dir: Path) -> None:
+    """A data folder that is a file, or that intu cannot write to (or create), is a configuration
+    error now rather than a traceback when ``intu serve`` starts."""
+    key = "data_dir" if top.has("data_dir") else None
+    existing = data_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == data_dir else f"cannot be created: {existing} is a file"
+        top.error(key, f"the data folder {data_dir} {where}; expected a folder intu can write to")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        what = (
+            "is not writable" if existing == data_dir else f"cannot be created in {existing} (not writable)"
+        )
+        top.error(key, f"the data folder {data_dir} {what} by this user (uid {os.geteuid()})")
 
 
 def _parse_queue(section: Section, registry: PluginRegistry) -> QueueConfig:
@@ -258,6 +279,14 @@ def _parse_channel(
         return None
     top = Section(data, file=file, path="", problems=problems)
     name = top.str("name", folder.name)
+    if isinstance(name, str) and not CHANNEL_NAME.fullmatch(name):
+        # The name becomes a folder (spool/<name>/): "../x" would write outside the data folder.
+        top.error(
+            "name" if top.has("name") else None,
+            f"channel name {name!r} must be letters, digits, '.', '_' or '-', starting with a letter or"
+            " a digit, at most 64 characters"
+            + ("" if top.has("name") else f" (it is the folder's name; set 'name' or rename {folder})"),
+        )
     description = top.str("description", "")
     enabled = top.bool("enabled", True)
 

@@ -69,6 +69,13 @@ class QueueUnavailable(RuntimeError):
     """
 
 
+class QueueDamaged(QueueUnavailable):
+    """The queue's storage is damaged (a corrupted page, not a database at all): what it would
+    read cannot be trusted, so the engine refuses to start rather than sweep or deliver from it.
+    The message says what is wrong and what to do (restore a backup, or ``intu queue recover``).
+    """
+
+
 class QueueNotFound(LookupError):
     """Raised by ``open`` with ``create=False`` when there is no queue yet (nothing was ever
     queued); the message says where it was looked for."""
@@ -277,6 +284,7 @@ __all__ = [
     "Entry",
     "EntryState",
     "QueueBackend",
+    "QueueDamaged",
     "QueueNotFound",
     "QueueRuntime",
     "QueueStats",

@@ -1,4 +1,5 @@
-"""``intu queue``: look at, retry and purge the durable queues, also while ``intu serve`` runs.
+"""``intu queue``: look at, retry and purge the durable queues, also while ``intu serve`` runs,
+and ``recover`` the received files kept in quarantine.
 
 The commands open the project's queue with ``open_queue``, as the engine does, whatever its
 backend; with SQLite that is a second connection to the database, whose busy timeout makes them
@@ -12,10 +13,12 @@ The command object in ``ctx.obj`` must have ``project() -> Project`` and
 
 from __future__ import annotations
 
+import fcntl
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -23,6 +26,10 @@ import click
 from intu_core.config.problems import ConfigError
 from intu_core.queue import Entry, EntryState, QueueNotFound, QueueStats, QueueStore, QueueUnavailable
 from intu_core.queue.opener import open_queue
+from intu_core.spool import orphans, quarantine_orphans, recover_quarantined, spool_files
+
+#: The file ``intu serve`` holds locked while it uses a data folder.
+ENGINE_LOCK = "engine.lock"
 
 _STATES = [s.value for s in EntryState]
 _PURGEABLE = [s.value for s in EntryState if s is not EntryState.IN_FLIGHT]
@@ -157,6 +164,7 @@ def retry_command(
     with _open_store(ctx) as store:
         assert store is not None
         if entry_ids:
+            _require_known(store, entry_ids)
             count = store.retry(queue_name, list(entry_ids), state=None)
         else:
             count = 0
@@ -167,10 +175,11 @@ def retry_command(
     click.echo(f"{count} entr{'y' if count == 1 else 'ies'} put back in the queue")
     if entry_ids and count < len(entry_ids):
         click.echo(
-            f"{len(entry_ids) - count} of the given entries were not retried: unknown, or neither dead"
-            " nor errored",
+            f"{len(entry_ids) - count} of the given entries were not retried: neither dead nor errored"
+            + (f", or not in {queue_name}" if queue_name else ""),
             err=True,
         )
+        ctx.exit(1)
 
 
 @queue.command("purge")
@@ -191,6 +200,8 @@ def purge_command(
         raise click.UsageError("name entry IDs, or --destination NAME, or --state STATE")
     with _open_store(ctx) as store:
         assert store is not None
+        if entry_ids:
+            _require_known(store, entry_ids)
         if not yes:
             what = [f"{len(entry_ids)} given entries" if entry_ids else "entries"]
             if queue_name:
@@ -202,6 +213,103 @@ def purge_command(
             queue_name, EntryState(state) if state else None, list(entry_ids) if entry_ids else None
         )
     click.echo(f"{count} entr{'y' if count == 1 else 'ies'} purged")
+    if entry_ids and count < len(entry_ids):
+        click.echo(
+            f"{len(entry_ids) - count} of the given entries were not purged: in flight (being sent"
+            " now; try again once settled), or not matching --destination/--state",
+            err=True,
+        )
+        ctx.exit(1)
+
+
+def _require_known(store: QueueStore, entry_ids: Sequence[str]) -> None:
+    """Stop before changing anything when an id is not in the queue (a typo, or already gone)."""
+    unknown = [i for i in dict.fromkeys(entry_ids) if store.get(i) is None]
+    if unknown:
+        raise click.ClickException(
+            f"no queue entr{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; nothing was"
+            " changed (see: intu queue list --state dead)"
+        )
+
+
+@queue.command("recover")
+@click.option("--dry-run", is_flag=True, help="Only say what would be queued; change nothing.")
+@click.pass_context
+def recover_command(ctx: click.Context, dry_run: bool) -> None:
+    """Queue again the received files kept in the data folder's quarantine.
+
+    At start `intu serve` moves files of its spool folders that no queued message refers to into
+    data/quarantine/<day>/<channel>/ (never deleting them): left by a crash before they were
+    queued, or by a lost or replaced queue database. This command moves each back, rebuilds its
+    message from the file itself (through the plugin of the channel's source) and queues it in
+    the channel's queue: intu serve runs it through the channel like a message just received.
+    When intu serve is not running, it first does that start-up sweep itself, so after a damaged
+    queue.db was moved aside the instances in the spool folders are recovered too.
+    """
+    try:
+        project = ctx.obj.project()
+        registry = ctx.obj.registry()
+    except ConfigError as err:
+        click.echo(err.report(), err=True)
+        ctx.exit(2)
+    data_dir = project.data_dir
+    if not data_dir.is_dir():
+        raise click.ClickException(f"no data folder at {data_dir}: nothing to recover")
+    with _engine_lock(data_dir) as engine_stopped:
+        try:
+            store = open_queue(project, registry, create=not dry_run)
+        except QueueNotFound:
+            store = None  # a dry run on a folder without a queue: every spooled file is an orphan
+        except ConfigError as err:
+            click.echo(err.report(), err=True)
+            ctx.exit(2)
+        except QueueUnavailable as exc:
+            raise click.ClickException(f"cannot open the queue: {exc}") from None
+        try:
+            if engine_stopped and dry_run:
+                found = orphans(store, spool_files(data_dir))
+                if found:
+                    click.echo(f"{len(found)} spooled file(s) no queued message refers to would be recovered")
+            elif engine_stopped:
+                assert store is not None
+                moved = quarantine_orphans(store, data_dir)
+                if moved.count:
+                    click.echo(
+                        f"moved {moved.count} spooled file(s) no queued message refers to to {moved.folder}"
+                    )
+            else:
+                click.echo("intu serve is running: recovering what its start-up put in quarantine")
+            results = recover_quarantined(store, project, registry.hook, dry_run=dry_run)
+        except QueueUnavailable as exc:
+            raise click.ClickException(f"cannot use the queue right now: {exc}") from None
+        finally:
+            if store is not None:
+                store.close()
+    failed = [r for r in results if r.problem]
+    for r in failed:
+        click.echo(f"{r.path}: left in quarantine: {r.problem}", err=True)
+    done = len(results) - len(failed)
+    if dry_run:
+        click.echo(f"{done} quarantined file(s) would be queued in their channel's queue (dry run)")
+    else:
+        click.echo(
+            f"{done} file(s) queued in their channel's queue; intu serve runs them through the"
+            " channel (now if it runs, else when it starts)"
+        )
+    if failed:
+        ctx.exit(1)
+
+
+@contextmanager
+def _engine_lock(data_dir: Path) -> Iterator[bool]:
+    """Whether no engine uses ``data_dir`` (its lock taken, and held, for the block)."""
+    with open(data_dir / ENGINE_LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 # -- formatting ----------------------------------------------------------------------------

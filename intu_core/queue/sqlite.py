@@ -1,21 +1,34 @@
 """The embedded queue backend (``queue: {backend: sqlite}``, the default): one SQLite database,
 ``<data_dir>/queue.db``, in WAL mode.
 
-Schema (``PRAGMA user_version = 2``)::
+Schema (``PRAGMA user_version = 3``)::
 
     entries(seq INTEGER PRIMARY KEY,        -- enqueue order; ties on next_attempt_at go by seq
             id TEXT UNIQUE, queue TEXT, state TEXT, attempts INTEGER,
             next_attempt_at REAL, created_at REAL, updated_at REAL,   -- epoch seconds
             last_error TEXT, history TEXT,   -- JSON list of the last 50 attempts
-            files TEXT,                      -- JSON list of the message's files (distinct)
-            message TEXT,                    -- Message.to_json() as JSON
+            files TEXT,                      -- JSON list of the message's files (distinct; v3: relative)
+            message TEXT,                    -- Message.to_json() as JSON (v3: data folder marked)
             lease_owner TEXT, lease_expires_at REAL)   -- v2: who holds an in-flight entry, until when
     index entries_by_queue(queue, state, next_attempt_at, seq)
-    files(path TEXT PRIMARY KEY, refs INTEGER)       -- entries that still need the file
+    files(path TEXT PRIMARY KEY, refs INTEGER)       -- entries that still need the file (v3: relative)
     counters(queue, name, value)                     -- "delivered", "recovered" per queue
     meta(key, value)                                 -- v2: "node_id"
 
 Opening a database of an older version upgrades it in place, in one transaction (``_MIGRATIONS``).
+
+Paths under the data folder are stored relative to it (v3), so that a project moved to another
+path keeps working: ``files`` holds ``spool/<channel>/<name>``, and in a message's JSON text the
+data folder's absolute path (as text, and URL-quoted after ``file://``, as in a DICOM body's
+``BulkDataURI``) is replaced by a marker that reading puts the current data folder back in for.
+Paths outside the data folder are kept absolute.
+
+The engine opens the store with ``check=True``: ``PRAGMA quick_check`` first, and a database that
+fails it, or that is not a database at all, raises ``QueueDamaged`` instead of being used (a queue
+read wrong would make the start-up sweep take acknowledged instances for orphans). Measured on this
+project's machine, file in the page cache: 45 ms for 10,000 entries with 10 KB messages (a 104 MB
+database; opening without the check takes 1.6 ms); it reads the whole file, so from a cold disk
+it costs what reading 104 MB costs.
 Delivered entries are deleted (keeping them would grow the database forever); the ``delivered``
 counter remembers how many there were.
 
@@ -38,6 +51,7 @@ second connection: ``busy_timeout`` makes each side wait for the other's short t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -45,11 +59,12 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from urllib.parse import quote
 
 from intu_core.message import Message, SendResult
 from intu_core.queue import (
@@ -57,17 +72,21 @@ from intu_core.queue import (
     Entry,
     EntryState,
     QueueBackend,
+    QueueDamaged,
     QueueNotFound,
     QueueRuntime,
     QueueStats,
     QueueUnavailable,
     attempt_record,
 )
+from intu_core.queue.reserve import RESERVE_NAME, DiskReserve
 
 if TYPE_CHECKING:
     from intu_core.config.section import Section
 
 log = logging.getLogger("intu.queue")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 DB_NAME = "queue.db"
 HISTORY_LIMIT = 50
@@ -112,13 +131,37 @@ ALTER TABLE entries ADD COLUMN lease_owner TEXT;
 ALTER TABLE entries ADD COLUMN lease_expires_at REAL;
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """,
+    "v3: paths relative to the data folder",  # done by _relative_paths: it depends on where the folder is
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
+
+#: What stands for the data folder's absolute path (with a trailing "/") in a stored message's
+#: JSON text; the NUL characters keep it from meaning anything else. ``_URL_MARK`` stands for the
+#: URL-quoted path after ``file://``.
+_DIR_MARK = "\x00intu:data_dir\x00"
+_URL_MARK = "\x00intu:data_dir_url\x00"
 
 _COLUMNS = (
     "id, queue, state, attempts, next_attempt_at, created_at, updated_at, last_error, history, message,"
     " lease_owner, lease_expires_at"
 )
+
+
+def _may_use_reserve(method: Callable[P, R]) -> Callable[P, R]:
+    """A write that lets delivery go on: on a full disk, release the reserve and try once more."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except QueueUnavailable as exc:
+            reserve = getattr(args[0], "_reserve", None)
+            full = getattr(exc.__cause__, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            if not (full and reserve is not None and reserve.release()):
+                raise
+            return method(*args, **kwargs)
+
+    return wrapper
 
 
 class SqliteQueueStore:
@@ -127,16 +170,55 @@ class SqliteQueueStore:
     Safe for use from many threads of one process and from other processes at the same time.
     """
 
-    def __init__(self, data_dir: Path, *, busy_timeout_ms: int = 30_000, node_id: str | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        busy_timeout_ms: int = 30_000,
+        node_id: str | None = None,
+        check: bool = False,
+        reserve_bytes: int = 0,
+    ) -> None:
+        """Open (or create) the queue in ``data_dir``. ``check``: run ``PRAGMA quick_check`` first
+        (the engine at start) and raise ``QueueDamaged`` when the database fails it.
+        ``reserve_bytes``: keep a disk reserve of that size (``intu_core.queue.reserve``)."""
         self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Private to the service user: the database and the spooled files hold patient data.
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.path = self.data_dir / DB_NAME
+        self.paths = DataPaths(self.data_dir)
         self._lock = threading.Lock()
+        if not self.path.exists():
+            # SQLite creates the -wal and -shm files with the database's permissions.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         with _unavailable(self.path):
             self._connect(busy_timeout_ms)
-            self._migrate()
-            self.node_id = node_id or self._stored_node_id()
+            try:
+                if check:
+                    self.check()
+                self._migrate()
+                self.node_id = node_id or self._stored_node_id()
+            except BaseException:
+                self._conn.close()
+                raise
         self._closed = False
+        self._reserve: DiskReserve | None = None
+        if reserve_bytes:
+            self._reserve = DiskReserve(self.data_dir / RESERVE_NAME, reserve_bytes)
+            if not self._reserve.ensure():
+                log.warning(
+                    "cannot allocate the queue's disk reserve of %d MiB in %s (%s): running without;"
+                    " a full disk may then stop delivery until space is freed",
+                    reserve_bytes // (1024 * 1024), self.data_dir, self._reserve.why,
+                )  # fmt: skip
+                self._reserve = None
+
+    def check(self) -> None:
+        """``PRAGMA quick_check``; raises ``QueueDamaged`` saying what is wrong and what to do."""
+        with self._lock:
+            rows = [str(row[0]) for row in self._conn.execute("PRAGMA quick_check").fetchall()]
+        if rows != ["ok"]:
+            raise QueueDamaged(_damaged(self.path, "; ".join(rows[:3])))
 
     # -- connection handling ---------------------------------------------------------------
     def _connect(self, busy_timeout_ms: int) -> None:
@@ -148,7 +230,11 @@ class SqliteQueueStore:
         )
         self._conn.row_factory = sqlite3.Row
         self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        try:
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except BaseException:
+            self._conn.close()
+            raise
         if str(mode).lower() != "wal":
             raise RuntimeError(f"cannot put the queue database {self.path} in WAL mode (got {mode!r})")
         # FULL: a committed enqueue is what a source answers "success" on (the sender may then delete
@@ -172,7 +258,10 @@ class SqliteQueueStore:
             try:
                 # Another process may have upgraded it while we waited for the write lock.
                 version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-                for step in _MIGRATIONS[version:]:
+                for number, step in enumerate(_MIGRATIONS[version:], start=version + 1):
+                    if number == 3:
+                        _relative_paths(self._conn, self.paths)
+                        continue
                     for statement in step.split(";"):
                         if statement.strip():
                             self._conn.execute(statement)
@@ -229,14 +318,15 @@ class SqliteQueueStore:
         for queue, message in items:
             key = id(message)
             if key not in encoded:
-                files = _distinct(message.files)
-                encoded[key] = (_encode_message(message), json.dumps(files), files)
+                files = [self.paths.relative(p) for p in _distinct(message.files)]
+                encoded[key] = (self.paths.mark(_encode_message(message)), json.dumps(files), files)
             text, files_json, files = encoded[key]
             entry_id = uuid.uuid4().hex
             rows.append((entry_id, queue, _PENDING, now, now, now, files_json, text))
             refs.extend((path,) for path in files)
         if not rows:
             return []
+        self._check_reserve()
         with self._write() as conn:
             conn.executemany(
                 "INSERT INTO entries (id, queue, state, next_attempt_at, created_at, updated_at, files,"
@@ -249,10 +339,11 @@ class SqliteQueueStore:
     def record_error(self, message: Message, queue: str, reason: str) -> str:
         """Keep a message the pipeline failed on as ``errored`` with ``reason``; it holds its files."""
         now = time.time()
-        files = _distinct(message.files)
+        files = [self.paths.relative(p) for p in _distinct(message.files)]
         entry_id = uuid.uuid4().hex
         history = json.dumps([attempt_record(now, reason)])
-        text = _encode_message(message)
+        text = self.paths.mark(_encode_message(message))
+        self._check_reserve()
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO entries (id, queue, state, next_attempt_at, created_at, updated_at,"
@@ -262,6 +353,7 @@ class SqliteQueueStore:
             _add_refs(conn, [(path,) for path in files])
         return entry_id
 
+    @_may_use_reserve
     def claim(
         self, queue: str, now: float | None = None, *, lease_s: float = DEFAULT_LEASE_S
     ) -> Entry | None:
@@ -298,8 +390,9 @@ class SqliteQueueStore:
                     f" RETURNING {_COLUMNS}",
                     (*lease, queue, now),
                 ).fetchone()
-        return _entry(row) if row is not None else None
+        return self._entry(row) if row is not None else None
 
+    @_may_use_reserve
     def renew(self, entry_ids: Sequence[str], lease_s: float = DEFAULT_LEASE_S) -> int:
         """Extend this node's leases on ``entry_ids`` to ``lease_s`` from now; how many it holds.
 
@@ -315,6 +408,7 @@ class SqliteQueueStore:
             )
             return cursor.rowcount
 
+    @_may_use_reserve
     def complete(self, entry_id: str, result: SendResult | None = None) -> bool:
         """Delivered: delete the entry, count it, and delete files no other entry needs."""
         with self._write() as conn:
@@ -327,13 +421,17 @@ class SqliteQueueStore:
                 return False
             _count(conn, row["queue"], "delivered", 1)
             unused = _release(conn, [json.loads(row["files"])])
-        _unlink(unused)
+        self._unlink(unused)
+        if self._reserve is not None and self._reserve.released:
+            self._reserve.ensure()  # only once twice its size is free again
         return True
 
+    @_may_use_reserve
     def retry_later(self, entry_id: str, result: SendResult | str, at: float) -> bool:
         """Back to pending from ``at`` with one more attempt recorded in the history."""
         return self._settle(entry_id, result, _PENDING, at, (_IN_FLIGHT,))
 
+    @_may_use_reserve
     def dead_letter(self, entry_id: str, result_or_reason: SendResult | str) -> bool:
         """State dead with the reason. A ``SendResult`` counts as an attempt; text is a note."""
         return self._settle(entry_id, result_or_reason, _DEAD, None, (_IN_FLIGHT, _PENDING))
@@ -389,14 +487,27 @@ class SqliteQueueStore:
             return 0
         # Under the write lock, so no enqueue can add a reference between the check and the delete.
         with self._write() as conn:
-            rows = conn.execute(
-                "SELECT path FROM files WHERE path IN (SELECT value FROM json_each(?))",
-                (json.dumps(wanted),),
-            ).fetchall()
-            referenced = {row[0] for row in rows}
-            unused = [p for p in wanted if p not in referenced]
+            unused = self._unreferenced(conn, wanted)
             return _unlink(unused)
 
+    def unreferenced(self, paths: Sequence[str]) -> list[str]:
+        """Those of ``paths`` that no entry refers to (the start-up sweep quarantines them)."""
+        wanted = _distinct(paths)
+        if not wanted:
+            return []
+        with self._read() as conn:
+            return self._unreferenced(conn, wanted)
+
+    def _unreferenced(self, conn: sqlite3.Connection, wanted: list[str]) -> list[str]:
+        stored = {path: self.paths.relative(path) for path in wanted}
+        rows = conn.execute(
+            "SELECT path FROM files WHERE path IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(stored.values())),),
+        ).fetchall()
+        referenced = {row[0] for row in rows}
+        return [p for p in wanted if stored[p] not in referenced]
+
+    @_may_use_reserve
     def recover(self) -> int:
         """At startup: in-flight entries of this node (a crash between send and record), or whose
         lease has expired, back to pending.
@@ -422,6 +533,7 @@ class SqliteQueueStore:
                 _count(conn, queue, "recovered", n)
         return len(rows)
 
+    @_may_use_reserve
     def retry(
         self,
         queue: str | None = None,
@@ -450,6 +562,7 @@ class SqliteQueueStore:
                 )
         return len(ids)
 
+    @_may_use_reserve
     def purge(
         self,
         queue: str | None = None,
@@ -467,7 +580,7 @@ class SqliteQueueStore:
         with self._write() as conn:
             rows = conn.execute(f"DELETE FROM entries WHERE {where} RETURNING files", params).fetchall()
             unused = _release(conn, [json.loads(r["files"]) for r in rows])
-        _unlink(unused)
+        self._unlink(unused)
         return len(rows)
 
     # -- reading ---------------------------------------------------------------------------
@@ -521,7 +634,7 @@ class SqliteQueueStore:
     def get(self, entry_id: str) -> Entry | None:
         with self._read() as conn:
             row = conn.execute(f"SELECT {_COLUMNS} FROM entries WHERE id = ?", (entry_id,)).fetchone()
-        return _entry(row) if row is not None else None
+        return self._entry(row) if row is not None else None
 
     def list_entries(
         self, queue: str | None = None, state: EntryState | None = None, limit: int = 100
@@ -532,7 +645,21 @@ class SqliteQueueStore:
             rows = conn.execute(
                 f"SELECT {_COLUMNS} FROM entries WHERE {where} ORDER BY seq LIMIT ?", (*params, limit)
             ).fetchall()
-        return [_entry(row) for row in rows]
+        return [self._entry(row) for row in rows]
+
+    def _check_reserve(self) -> None:
+        # After the reserve was given to delivery, new messages wait until it is back.
+        if self._reserve is not None and self._reserve.released and not self._reserve.ensure():
+            raise QueueUnavailable(
+                "the disk is full: the queue's reserve is in use so that queued messages can be"
+                " delivered; new messages are refused until there is room for it again"
+            )
+
+    def _entry(self, row: sqlite3.Row) -> Entry:
+        return _entry(row, self.paths.unmark(row["message"]))
+
+    def _unlink(self, stored: Iterable[str]) -> int:
+        return _unlink(self.paths.absolute(p) for p in stored)
 
     def close(self) -> None:
         with self._lock:
@@ -555,12 +682,15 @@ class SqliteSettings:
     # How long a statement waits for another connection's write (``intu queue`` while the engine
     # runs, or the other way round) before the queue counts as unavailable.
     busy_timeout_ms: int = 30_000
+    # The disk reserve the engine keeps in the data folder (intu_core.queue.reserve); 0: none.
+    reserve_mb: int = 16
 
 
 def parse_sqlite_settings(section: Section) -> SqliteSettings:
     """The rest of the ``queue:`` block for ``backend: sqlite``; problems go to ``section``."""
     settings = SqliteSettings(
-        busy_timeout_ms=section.int("busy_timeout_ms", SqliteSettings.busy_timeout_ms, min=0)
+        busy_timeout_ms=section.int("busy_timeout_ms", SqliteSettings.busy_timeout_ms, min=0),
+        reserve_mb=section.int("reserve_mb", SqliteSettings.reserve_mb, min=0),
     )
     section.done()
     return settings
@@ -571,8 +701,13 @@ def open_sqlite(settings: SqliteSettings, runtime: QueueRuntime) -> SqliteQueueS
     path = runtime.data_dir / DB_NAME
     if not runtime.create and not path.exists():
         raise QueueNotFound(f"no queue database yet at {path}")
+    # The engine (create) checks the database before trusting it; looking (intu queue) does not.
     return SqliteQueueStore(
-        runtime.data_dir, busy_timeout_ms=settings.busy_timeout_ms, node_id=runtime.node_id
+        runtime.data_dir,
+        busy_timeout_ms=settings.busy_timeout_ms,
+        node_id=runtime.node_id,
+        check=runtime.create,
+        reserve_bytes=settings.reserve_mb * 1024 * 1024 if runtime.create else 0,
     )
 
 
@@ -585,6 +720,85 @@ SQLITE_BACKEND = QueueBackend(
 
 
 # -- helpers -------------------------------------------------------------------------------
+def _json_text(value: str) -> str:
+    """``value`` as it appears inside a JSON string literal written by ``_encode_message``."""
+    return json.dumps(value, ensure_ascii=False)[1:-1]
+
+
+class DataPaths:
+    """Paths under the data folder stored relative to it (schema v3), so a moved project keeps
+    working; anything else is kept as given. A path is recognised under the folder as given and
+    under its resolved form (sources write the first, DICOM bodies name the second)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        current = str(data_dir.absolute()).rstrip("/") + "/"
+        resolved = str(data_dir.resolve()).rstrip("/") + "/"
+        self.current = current
+        # A data folder at "/" would make every path "relative": keep them as they are then.
+        self.prefixes = [p for p in dict.fromkeys([current, resolved]) if p != "/"]
+        # The replacements, worked out once: they run on every message enqueued and read.
+        self._marks = [
+            pair
+            for prefix in self.prefixes
+            for pair in (
+                ("file://" + _json_text(quote(prefix)), "file://" + _json_text(_URL_MARK)),
+                (_json_text(prefix), _json_text(_DIR_MARK)),
+            )
+        ]
+        self._unmarks = [
+            (_json_text(_URL_MARK), _json_text(quote(self.current))),
+            (_json_text(_DIR_MARK), _json_text(self.current)),
+        ]
+
+    def relative(self, path: str) -> str:
+        for prefix in self.prefixes:
+            if path.startswith(prefix):
+                return path[len(prefix) :]
+        return path
+
+    def absolute(self, stored: str) -> str:
+        return stored if os.path.isabs(stored) else self.current + stored
+
+    def mark(self, text: str) -> str:
+        """A message's JSON text with the data folder's path replaced by the markers."""
+        for found, mark in self._marks:
+            text = text.replace(found, mark)
+        return text
+
+    def unmark(self, text: str) -> str:
+        """The stored JSON text with the current data folder put back in for the markers."""
+        if "\\u0000intu:" not in text:
+            return text
+        for mark, path in self._unmarks:
+            text = text.replace(mark, path)
+        return text
+
+
+def _relative_paths(conn: sqlite3.Connection, paths: DataPaths) -> None:
+    """Migration to v3: store paths under the data folder relative to it. A folder moved before
+    the upgrade is found from where its spooled files were (``<folder>/spool/...``)."""
+    moved = {
+        row[0].rsplit("/spool/", 1)[0] + "/"
+        for row in conn.execute("SELECT path FROM files WHERE path LIKE '/%/spool/%'")
+    }
+    for prefix in [*paths.prefixes, *sorted(moved - set(paths.prefixes))]:
+        conn.execute(
+            "UPDATE OR IGNORE files SET path = substr(path, ?) WHERE substr(path, 1, ?) = ?",
+            (len(prefix) + 1, len(prefix), prefix),
+        )
+        conn.execute(
+            "UPDATE entries SET files = replace(files, ?, '\"'),"
+            " message = replace(replace(message, ?, ?), ?, ?)",
+            (
+                '"' + _json_text(prefix),
+                "file://" + _json_text(quote(prefix)),
+                "file://" + _json_text(_URL_MARK),
+                _json_text(prefix),
+                _json_text(_DIR_MARK),
+            ),
+        )
+
+
 @contextmanager
 def _unavailable(path: Path) -> Iterator[None]:
     # SQLITE_FULL, SQLITE_BUSY after the busy timeout, SQLITE_IOERR, SQLITE_CANTOPEN: the queue
@@ -593,6 +807,21 @@ def _unavailable(path: Path) -> Iterator[None]:
         yield
     except sqlite3.OperationalError as exc:
         raise QueueUnavailable(f"{exc} (queue database {path})") from exc
+    except sqlite3.DatabaseError as exc:
+        if type(exc) is not sqlite3.DatabaseError:  # IntegrityError and the like are bugs
+            raise
+        # SQLITE_CORRUPT ("database disk image is malformed"), SQLITE_NOTADB ("file is not a
+        # database"): retrying will not help, and what it reads cannot be trusted.
+        raise QueueDamaged(_damaged(path, str(exc))) from exc
+
+
+def _damaged(path: Path, what: str) -> str:
+    return (
+        f"the queue database {path} is damaged ({what}). Nothing was changed. Stop intu, then either"
+        f" restore queue.db from a backup, or move it aside (mv {path} {path}.damaged; also its -wal"
+        " and -shm files) and run `intu queue recover`: it re-enqueues the received instances kept"
+        " under the data folder from the files themselves"
+    )
 
 
 def _encode_message(message: Message) -> str:
@@ -676,11 +905,11 @@ def _filters(
     return (" AND ".join(clauses) or "1"), tuple(params)
 
 
-def _entry(row: sqlite3.Row) -> Entry:
+def _entry(row: sqlite3.Row, message: str) -> Entry:
     return Entry(
         id=row["id"],
         queue=row["queue"],
-        message=Message.from_json(json.loads(row["message"])),
+        message=Message.from_json(json.loads(message)),
         state=EntryState(row["state"]),
         attempts=row["attempts"],
         next_attempt_at=row["next_attempt_at"],
