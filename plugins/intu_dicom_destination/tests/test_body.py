@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import resource
+import struct
 import tracemalloc
 import zlib
 from collections.abc import Iterator
@@ -414,3 +415,160 @@ def test_bytes_body_leaves_no_temporary_file_when_the_write_fails(ct: Path, tmp_
         prepare_for_send(data, work)
     assert failure.value.errno == errno.EFBIG
     assert list(work.iterdir()) == []
+
+
+# -- fidelity: untouched elements go out as received, invalid values never block -------------------
+
+
+def _explicit_element(tag: int, vr: str, value: bytes) -> bytes:
+    """One Explicit VR Little Endian element, exactly these bytes (no validation, no padding)."""
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode("ascii")
+    if vr in ("OB", "OW", "SQ", "UN", "UT", "UC"):
+        return head + b"\0\0" + struct.pack("<L", len(value)) + value
+    return head + struct.pack("<H", len(value)) + value
+
+
+def _undefined_sequence(tag: int, items: list[bytes]) -> bytes:
+    """An undefined-length sequence of undefined-length items (pydicom parses it while reading)."""
+    out = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"SQ\0\0" + struct.pack("<L", 0xFFFFFFFF)
+    for item in items:
+        out += struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + item + struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+    return out + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+
+
+def _defined_sequence(tag: int, items: list[bytes]) -> bytes:
+    value = b"".join(struct.pack("<HHL", 0xFFFE, 0xE000, len(item)) + item for item in items)
+    return _explicit_element(tag, "SQ", value)
+
+
+def _odd_instance(path: Path) -> dict[int, bytes]:
+    """A CT instance whose elements pydicom would re-encode differently, or cannot convert;
+    returns each element's exact bytes as written, by tag."""
+    sop_instance = generate_uid()
+    elements = {
+        0x00080005: _explicit_element(0x00080005, "CS", b"ISO_IR 100"),
+        0x00080016: _explicit_element(0x00080016, "UI", CTImageStorage.encode() + b"\0"),
+        0x00080018: _explicit_element(
+            0x00080018, "UI", sop_instance.encode() + b"\0"[: len(sop_instance) % 2]
+        ),
+        0x00080020: _explicit_element(0x00080020, "DA", b"2020x "),  # invalid date
+        0x00080060: _explicit_element(0x00080060, "CS", b"CT"),
+        0x00090010: _explicit_element(0x00090010, "LO", b"ACME 1.0"),  # private creator
+        0x00091001: _explicit_element(0x00091001, "UN", b"\x01\x02\x03\x04\x05\x06"),  # private, UN
+        0x00091002: _explicit_element(0x00091002, "FD", struct.pack("<d", 0.1)),  # private, odd VR
+        0x00100010: _explicit_element(0x00100010, "PN", b"Doe^Jane"),
+        0x00180050: _explicit_element(0x00180050, "DS", b"5.000000"),
+        0x00181000: _explicit_element(0x00181000, "DS", b"abc "),  # invalid DS
+        0x00181150: _explicit_element(0x00181150, "DS", b"1.23456789012345"),  # 16 characters
+        0x00200013: _explicit_element(0x00200013, "IS", b"01"),
+        0x00201041: _explicit_element(0x00201041, "DS", b"0.50000\\-1.2500 "),
+        0x00280008: _explicit_element(0x00280008, "IS", b"1A"),  # invalid IS: Number of Frames
+        0x00280030: _explicit_element(0x00280030, "UN", b"0.500000\\0.500000"),  # known tag as UN
+        0x00281050: _explicit_element(0x00281050, "DS", b"40.0"),
+        0x00540016: _defined_sequence(  # a DS and an invalid IS inside an item
+            0x00540016,
+            [
+                _explicit_element(0x00181074, "DS", b"370000000.0000")
+                + _explicit_element(0x00281052, "IS", b"x1")
+            ],
+        ),
+        0x00081115: _undefined_sequence(
+            0x00081115,
+            [
+                _explicit_element(0x0020000E, "UI", b"1.2.3.4\0")
+                + _explicit_element(0x00201002, "IS", b"007 ")
+            ],
+        ),
+        0x7FE00010: _explicit_element(0x7FE00010, "OW", b"\x00\x01" * 2048),
+    }
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(f), meta)
+        for tag in sorted(elements):
+            f.write(elements[tag])
+    return elements
+
+
+def test_untouched_elements_go_out_byte_for_byte(tmp_path: Path) -> None:
+    elements = _odd_instance(tmp_path / "odd.dcm")
+    body = body_from_file(tmp_path / "odd.dcm")
+    edited = seed_transform(body)
+    del edited["dataset"]["00100010"]  # removed
+    edited["dataset"]["00281050"] = {"vr": "DS", "Value": [50]}  # changed
+    out = prepare_for_send(edited, tmp_path / "w").path.read_bytes()
+    for tag, raw in elements.items():
+        if tag in (0x00100010, 0x00281050):
+            assert raw not in out, f"({tag >> 16:04X},{tag & 0xFFFF:04X}) should have changed"
+        else:
+            assert raw in out, f"({tag >> 16:04X},{tag & 0xFFFF:04X}) was re-encoded"
+    ds = dcmread(io.BytesIO(out))
+    assert ds.InstitutionName == "General Hospital" and ds.ManufacturerModelName == "INTU_PROCESSED"
+    assert ds.WindowCenter == 50 and "PatientName" not in ds
+    assert [int(t) for t in ds.keys()] == sorted(int(t) for t in ds.keys())
+
+
+def test_group_lengths_are_kept_or_counted_anew(tmp_path: Path) -> None:
+    uid = generate_uid()
+    group8 = [
+        _explicit_element(0x00080016, "UI", CTImageStorage.encode() + b"\0"),
+        _explicit_element(0x00080018, "UI", uid.encode() + b"\0"[: len(uid) % 2]),
+        _explicit_element(0x00080060, "CS", b"CT"),
+    ]
+    group10 = [_explicit_element(0x00100010, "PN", b"Doe^Jane"), _explicit_element(0x00100020, "LO", b"ID1 ")]
+    # Group lengths, as old writers put them.
+    length8 = _explicit_element(0x00080000, "UL", struct.pack("<L", sum(map(len, group8))))
+    length10 = _explicit_element(0x00100000, "UL", struct.pack("<L", sum(map(len, group10))))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / "gl.dcm"
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(f), meta)
+        f.write(b"".join([length8, *group8, length10, *group10]))
+    body = body_from_file(path)
+    assert "00080000" not in body["dataset"] and "00080000" in body["raw_elements"]
+    written = prepare_for_send(seed_transform(body), tmp_path / "w").path
+    assert length10 + b"".join(group10) in written.read_bytes()  # group 0010 untouched: as received
+    added = _explicit_element(0x00080080, "LO", b"General Hospital")
+    added += _explicit_element(0x00081090, "LO", b"INTU_PROCESSED")
+    assert dcmread(written)[0x00080000].value == sum(map(len, group8)) + len(added)  # counted anew
+
+
+def test_invalid_values_are_strings_and_never_block(tmp_path: Path) -> None:
+    _odd_instance(tmp_path / "odd.dcm")
+    body = body_from_file(tmp_path / "odd.dcm")
+    ds = body["dataset"]
+    assert ds["00280008"] == {"vr": "IS", "Value": ["1A"]}
+    assert ds["00181000"] == {"vr": "DS", "Value": ["abc"]}
+    assert ds["00180050"]["Value"] == [5.0]  # valid values are what pydicom's to_json_dict gives
+    item = ds["00540016"]["Value"][0]
+    assert item["00281052"] == {"vr": "IS", "Value": ["x1"]} and item["00181074"]["Value"] == [370000000.0]
+    assert body["invalid_elements"] == ["00181000", "00280008", "00540016/0/00281052"]
+    assert json.loads(json.dumps(body)) == body
+    # Unchanged: the stored file itself; a transformer may also fix the bad value.
+    assert prepare_for_send(body, tmp_path / "w").path == tmp_path / "odd.dcm"
+    fixed = copy.deepcopy(body)
+    fixed["dataset"]["00280008"] = {"vr": "IS", "Value": [1]}
+    assert dcmread(prepare_for_send(fixed, tmp_path / "w").path).NumberOfFrames == 1
+
+
+def test_a_body_without_raw_elements_is_re_encoded(ct: Path, tmp_path: Path) -> None:
+    body = seed_transform(body_from_file(ct))
+    del body["raw_elements"]  # e.g. a transformer that built a new body dict
+    out = dcmread(prepare_for_send(body, tmp_path / "w").path)
+    assert out.ManufacturerModelName == "INTU_PROCESSED" and out.PixelData == dcmread(ct).PixelData
+
+
+def test_changing_the_character_set_re_encodes_every_element(ct: Path, tmp_path: Path) -> None:
+    body = body_from_file(ct)
+    body["dataset"]["00080005"] = {"vr": "CS", "Value": ["ISO_IR 192"]}
+    body["dataset"]["00100010"] = {"vr": "PN", "Value": [{"Alphabetic": "Müller^Jürgen"}]}
+    out = dcmread(prepare_for_send(body, tmp_path / "w").path)
+    assert str(out.PatientName) == "Müller^Jürgen"
+    assert "Müller".encode() in prepare_for_send(body, tmp_path / "w").path.read_bytes()

@@ -9,11 +9,15 @@ A body is a JSON-serialisable dict (documented in ``docs/dicom-message-body.md``
      "sop_class_uid": "...", "sop_instance_uid": "...",
      "transfer_syntax_uid": "<transfer syntax of the stored bytes>",
      "file": "/abs/path/of/the/stored/part10.dcm",
-     "dataset_digest": "<sha256 of the canonical JSON of 'dataset' at receive time>"}
+     "dataset_digest": "<sha256 of the canonical JSON of 'dataset' at receive time>",
+     "raw_elements": {"<tag>": [offset, length, "<fingerprint of its JSON>"], ...},
+     "invalid_elements": ["<tag or path of a value pydicom could not convert>", ...]}  # if any
 
 Pixel data and large binary values never enter the JSON: they are ``BulkDataURI`` references
 (``file:///abs/path.dcm?offset=N&length=M``) to the value bytes inside the stored file, and they
-are copied byte for byte, in chunks, when the instance is written again. Neither building a body
+are copied byte for byte, in chunks, when the instance is written again. When a transformer
+edited the dataset, only the elements it added or changed are encoded again; every other element
+is copied from the stored file as received (``raw_elements`` says where). Neither building a body
 nor writing an edited instance reads pixel data into memory as a whole.
 
 ``model`` parses a Part-10 file into a body, ``part10`` writes a body back as a Part-10 file,
@@ -28,6 +32,7 @@ from intu_dicom_destination.body.model import (
     body_from_file,
     bulk_data_uri,
     dataset_digest,
+    element_fingerprint,
     parse_bulk_uri,
 )
 from intu_dicom_destination.body.part10 import (
@@ -44,6 +49,7 @@ __all__ = [
     "body_from_file",
     "bulk_data_uri",
     "dataset_digest",
+    "element_fingerprint",
     "inflate_part10",
     "parse_bulk_uri",
     "prepare_for_send",

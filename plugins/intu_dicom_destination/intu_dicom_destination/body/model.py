@@ -4,6 +4,7 @@ bulk values left on disk as ``BulkDataURI`` references (``file:///abs/path.dcm?o
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import struct
@@ -14,8 +15,8 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from intu_dicom_destination import internals
@@ -32,6 +33,15 @@ _PIXEL_LIKE_AMBIGUOUS = frozenset({0x00281200, 0x00283006})  # Gray LUT Data, LU
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 _ITEM = 0xFFFEE000
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
+# Explicit VR encodings with a 12-byte header: 2 reserved bytes and a 4-byte length (PS3.5 7.1.2).
+LONG_HEADER_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+_KNOWN_VRS = frozenset(
+    {"AT", "FD", "FL", "OB", "OD", "OF", "OL", "OV", "OW", "SL", "SQ", "SS", "SV", "UL", "UN", "US", "UV"}
+)
+# VRs whose value is text: an unconvertible one is shown to transformers as its strings.
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
 
 
 class InvalidBody(Exception):
@@ -42,6 +52,13 @@ def dataset_digest(dataset: Any) -> str:
     """SHA-256 of the canonical JSON (sorted keys, compact) of a DICOM JSON model."""
     text = json.dumps(dataset, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def element_fingerprint(element: Any) -> str:
+    """A short hash of one element's DICOM JSON (canonical form): equal fingerprints mean the
+    transformer left the element as it was, so its received bytes can be copied as they are."""
+    text = json.dumps(element, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
 
 
 def bulk_data_uri(path: Path, offset: int, length: int, *, undefined: bool = False) -> str:
@@ -138,6 +155,11 @@ def _bulk_vr(raw: RawDataElement) -> str:
 def body_from_file(path: Path) -> dict[str, Any]:
     """Parse a stored Part-10 file into a message body, leaving bulk values on disk.
 
+    Besides the JSON model, the body records where each top-level element's bytes are in the
+    file (``raw_elements``), so that an edited instance is written with every untouched element
+    copied as received. A value pydicom cannot convert (IS '1A', DS 'abc') does not stop the
+    parse: the model shows it as its strings and ``invalid_elements`` names it.
+
     Raises ``InvalidBody`` when the file is not a DICOM instance that can be parsed.
     """
     path = Path(path).resolve()
@@ -159,14 +181,25 @@ def body_from_file(path: Path) -> dict[str, Any]:
             "(inflate it first, e.g. with inflate_part10)"
         )
     little_endian = UID(ts).is_little_endian
+    implicit = UID(ts).is_implicit_VR
 
     dataset: dict[str, Any] = {}
+    invalid: list[str] = []
+    spans: list[_Span] = []
+    copyable = True  # False: every element is re-encoded when the dataset is edited
     elements = internals.raw_elements(ds)
+    key = ""
     try:
         with open(path, "rb") as fp:
             for tag in sorted(ds.keys()):
                 raw = elements[tag]  # deferred values stay raw: never read into memory here
                 key = f"{int(tag):08X}"
+                try:
+                    span = _span_of(key, raw, implicit, little_endian)
+                except _EncodingMismatch:
+                    span, copyable = None, False
+                if span is not None:
+                    spans.append(span)
                 if isinstance(raw, RawDataElement):
                     vr = _bulk_vr(raw)
                     is_bulk = tag == PIXEL_DATA or (
@@ -176,12 +209,16 @@ def body_from_file(path: Path) -> dict[str, Any]:
                         undefined = raw.length == 0xFFFFFFFF
                         if undefined:
                             length = _encapsulated_length(fp, raw.value_tell, little_endian, size)
+                            if span is not None:  # the value, then its 8-byte delimiter
+                                span.end = raw.value_tell + length + 8
                         else:
                             length = raw.length
                         if raw.value_tell + length > size:
                             raise InvalidBody(
-                                f"{path}: element ({key[:4]},{key[4:]}) claims {length} bytes at "
-                                f"offset {raw.value_tell}, past the end of the file ({size} bytes)"
+                                f"{path} is not a DICOM dataset that can be parsed: element "
+                                f"({key[:4]},{key[4:]}) "
+                                f"claims {length} bytes at offset {raw.value_tell}, past the end of the file "
+                                f"({size} bytes)"
                             )
                         dataset[key] = {
                             "vr": vr,
@@ -190,29 +227,137 @@ def body_from_file(path: Path) -> dict[str, Any]:
                         continue
                     if raw.length != 0xFFFFFFFF and raw.value_tell + raw.length > size:
                         raise InvalidBody(
-                            f"{path}: element ({key[:4]},{key[4:]}) claims {raw.length} bytes at "
-                            f"offset {raw.value_tell}, past the end of the file ({size} bytes)"
+                            f"{path} is not a DICOM dataset that can be parsed: element "
+                            f"({key[:4]},{key[4:]}) "
+                            f"claims {raw.length} bytes at offset {raw.value_tell}, past the end of the file "
+                            f"({size} bytes)"
                         )
                 if tag.element == 0:
                     continue  # group lengths are retired and go stale as soon as anything changes
-                dataset[key] = ds[tag].to_json_dict(None, BULK_THRESHOLD)
+                dataset[key] = _element_json(ds, tag, key, invalid)
+            raw_elements = _raw_index(fp, spans, dataset, size) if copyable else {}
     except InvalidBody:
         raise
     except Exception as exc:
-        raise InvalidBody(f"{path} is not a DICOM dataset that can be parsed: {exc}") from None
+        where = f" at element ({key[:4]},{key[4:]})" if key else ""
+        raise InvalidBody(f"{path} is not a DICOM dataset that can be parsed{where}: {exc}") from None
 
     sop_class = _uid_from(dataset, "00080016") or str(meta.get("MediaStorageSOPClassUID", "") or "")
     sop_instance = _uid_from(dataset, "00080018") or str(meta.get("MediaStorageSOPInstanceUID", "") or "")
     if not sop_class or not sop_instance:
         raise InvalidBody(f"{path} has no SOP Class UID (0008,0016) or SOP Instance UID (0008,0018)")
-    return {
+    body = {
         "dataset": dataset,
         "sop_class_uid": sop_class,
         "sop_instance_uid": sop_instance,
         "transfer_syntax_uid": ts,
         "file": str(path),
         "dataset_digest": dataset_digest(dataset),
+        "raw_elements": raw_elements,
     }
+    if invalid:
+        body["invalid_elements"] = invalid
+    return body
+
+
+class _EncodingMismatch(Exception):
+    """The dataset is not encoded in its file's transfer syntax: nothing can be copied raw."""
+
+
+@dataclass
+class _Span:
+    """Where one top-level element is in the stored file (``end`` None: not known yet)."""
+
+    key: str
+    start: int
+    end: int | None
+    little_endian: bool
+
+
+def _span_of(key: str, elem: Any, implicit: bool, little_endian: bool) -> _Span | None:
+    """The start (first header byte) and, for a defined length, the end of a top-level element."""
+    value_tell: int | None
+    length: int | None
+    if isinstance(elem, RawDataElement):
+        if (elem.is_implicit_VR, elem.is_little_endian) != (implicit, little_endian):
+            # Encoded otherwise than the transfer syntax says (pydicom guessed it): bytes that
+            # cannot be copied into a file that declares the transfer syntax.
+            raise _EncodingMismatch
+        value_tell, length = elem.value_tell, elem.length
+        vr = elem.VR
+    else:  # converted while reading (Specific Character Set, undefined-length sequences)
+        value_tell, length = getattr(elem, "file_tell", None), None
+        vr = getattr(elem, "VR", None)
+    if value_tell is None:
+        return None
+    header = 8 if implicit or vr not in LONG_HEADER_VRS else 12
+    end = None if length is None or length == 0xFFFFFFFF else value_tell + length
+    return _Span(key, value_tell - header, end, little_endian)
+
+
+def _raw_index(fp: BinaryIO, spans: list[_Span], dataset: dict[str, Any], size: int) -> dict[str, list[Any]]:
+    """``{key: [offset, length, fingerprint]}`` of every top-level element whose bytes in the
+    stored file are certain: its tag is found at its start and it ends where the next element
+    starts (elements are contiguous). An element missing here is re-encoded when written."""
+    index: dict[str, list[Any]] = {}
+    spans = sorted(spans, key=lambda s: s.start)
+    for i, span in enumerate(spans):
+        following = spans[i + 1].start if i + 1 < len(spans) else None
+        end = span.end
+        if end is None:
+            end = following if following is not None else size
+        if (following is not None and end != following) or end > size or span.start < 0:
+            continue  # a gap or an overlap (e.g. a duplicate tag): not a range to trust
+        fp.seek(span.start)
+        group, elem = struct.unpack("<HH" if span.little_endian else ">HH", fp.read(4))
+        if f"{group:04X}{elem:04X}" != span.key:
+            continue
+        model = dataset.get(span.key)
+        index[span.key] = [span.start, end - span.start, element_fingerprint(model) if model else ""]
+    return index
+
+
+def _element_json(ds: Dataset, tag: Any, where: str, invalid: list[str]) -> dict[str, Any]:
+    """One element's DICOM JSON as pydicom writes it, or, for a value pydicom cannot convert,
+    its strings (text VRs) or its raw bytes as ``InlineBinary``: one bad value never fails the
+    dataset. Sequences are converted item by item, so a bad value deep inside stays local."""
+    raw = internals.raw_elements(ds)[tag]
+    try:
+        elem = ds[tag]
+    except Exception:
+        invalid.append(where)
+        return _unconverted_json(raw)
+    try:
+        return elem.to_json_dict(None, BULK_THRESHOLD)  # type: ignore[no-any-return]
+    except Exception:
+        if elem.VR == "SQ":
+            return {
+                "vr": "SQ",
+                "Value": [
+                    {
+                        f"{int(t):08X}": _element_json(item, t, f"{where}/{n}/{int(t):08X}", invalid)
+                        for t in item.keys()
+                    }
+                    for n, item in enumerate(elem.value)
+                ],
+            }
+        invalid.append(where)
+        return _unconverted_json(raw if isinstance(raw, RawDataElement) else elem)
+
+
+def _unconverted_json(elem: RawDataElement | DataElement) -> dict[str, Any]:
+    vr = str(elem.VR) if elem.VR else _bulk_vr(elem) if isinstance(elem, RawDataElement) else "UN"
+    if vr not in _TEXT_VRS and vr not in _KNOWN_VRS:
+        vr = "UN"  # e.g. a VR of 'ZZ' in the file: the raw bytes are still copied as received
+    value = elem.value
+    if isinstance(value, (bytes, bytearray)):
+        if vr not in _TEXT_VRS:
+            return {"vr": vr, "InlineBinary": base64.b64encode(bytes(value)).decode("ascii")}
+        value = bytes(value).decode("latin-1")
+    strings = [part.strip(" \0") for part in str(value or "").split("\\")]
+    if vr == "PN":
+        return {"vr": vr, "Value": [{"Alphabetic": s} for s in strings]}
+    return {"vr": vr, "Value": strings}
 
 
 def _uid_from(dataset: Any, key: str) -> str:

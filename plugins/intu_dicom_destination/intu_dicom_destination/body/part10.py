@@ -1,6 +1,7 @@
 """Writing a message body back as a Part-10 file: the stored file itself when the dataset is
-unchanged, else a new file whose small elements pydicom encodes and whose bulk values are copied
-byte for byte, in chunks, from the stored file."""
+unchanged, else a new file in which only the elements the transformer added or changed are
+encoded (by pydicom; bulk values get a header and their bytes copied) and every other element is
+copied byte for byte, in chunks, from the stored file."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ from typing import Any, BinaryIO
 
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomFileLike
+from pydicom.filebase import DicomBytesIO, DicomFileLike
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_data_element, write_file_meta_info
-from pydicom.tag import Tag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -27,15 +27,16 @@ from pydicom.uid import (
 
 from intu_core import fsync_dir, fsync_path
 from intu_dicom_destination.body.model import (
+    LONG_HEADER_VRS,
     PIXEL_DATA,
     BulkRef,
     InvalidBody,
     dataset_digest,
+    element_fingerprint,
     parse_bulk_uri,
 )
 
-# Explicit VR encodings where the length field is 4 bytes after 2 reserved bytes (PS3.5 7.1.2).
-_LONG_LENGTH_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+_CHARSET = "00080005"
 _CHUNK = 1024 * 1024
 
 
@@ -92,7 +93,7 @@ def prepare_for_send(body: Any, work_dir: Path) -> PreparedInstance:
             raise InvalidBody(f"the stored DICOM file {stored} named by the body does not exist")
         if body.get("dataset_digest") and body.get("dataset_digest") == dataset_digest(dataset):
             return _prepare_path(stored, temporary=False, body=body)
-        return _rewrite(dataset, stored, work_dir)
+        return _rewrite(dataset, stored, work_dir, body.get("raw_elements"))
     return _from_inline(dataset, body.get("transfer_syntax_uid"), work_dir)
 
 
@@ -245,8 +246,59 @@ def file_meta_for(
     return meta
 
 
-def _rewrite(model: dict[str, Any], stored: Path, work_dir: Path) -> PreparedInstance:
-    """Write the edited dataset: pydicom encodes the small elements, bulk values are copied."""
+def _untouched(model: dict[str, Any], raw_index: Any) -> tuple[dict[str, tuple[int, int]], set[str]]:
+    """What to copy as received, and which group lengths to count anew.
+
+    The first: ``{key: (offset, length)}`` of the stored elements whose JSON still has the
+    fingerprint it had when the body was built, and the group lengths (gggg,0000) of groups in
+    which nothing was added, changed or removed. The second: the group lengths of the other
+    groups. Nothing is copied without a usable ``raw_elements`` index, or when the Specific
+    Character Set changed: copied text would then be read in the wrong character set."""
+    if not isinstance(raw_index, dict):
+        return {}, set()
+    keep: dict[str, tuple[int, int]] = {}
+    group_lengths: dict[str, tuple[int, int]] = {}
+    touched: set[str] = set()
+    for key, entry in raw_index.items():
+        if not (
+            isinstance(key, str)
+            and len(key) == 8
+            and isinstance(entry, list)
+            and len(entry) == 3
+            and all(isinstance(n, int) and n >= 0 for n in entry[:2])
+        ):
+            return {}, set()
+        if key.endswith("0000"):
+            group_lengths[key] = (entry[0], entry[1])
+        elif key not in model:
+            touched.add(key)  # removed by the transformer
+        elif entry[2] and entry[2] == element_fingerprint(model[key]):
+            keep[key] = (entry[0], entry[1])
+    touched.update(key for key in model if key not in keep)
+    if _CHARSET in touched:
+        return {}, set(group_lengths)
+    touched_groups = {key[:4] for key in touched}
+    keep.update((k, v) for k, v in group_lengths.items() if k[:4] not in touched_groups)
+    return keep, {k for k in group_lengths if k[:4] in touched_groups}
+
+
+# One element of the written dataset: ("copy", offset, length) of the stored file, ("bytes",
+# encoded element) or ("bulk", header, BulkRef).
+_Piece = tuple[Any, ...]
+
+
+def _piece_size(piece: _Piece) -> int:
+    if piece[0] == "copy":
+        return int(piece[2])
+    if piece[0] == "bytes":
+        return len(piece[1])
+    ref: BulkRef = piece[2]
+    return len(piece[1]) + ref.length + (8 if ref.undefined else 0)
+
+
+def _rewrite(model: dict[str, Any], stored: Path, work_dir: Path, raw_index: Any = None) -> PreparedInstance:
+    """Write the edited dataset: untouched elements are copied from the stored file as received,
+    changed and added ones are encoded by pydicom, changed bulk values are copied in chunks."""
     try:
         base_meta = read_file_meta_info(stored)
     except Exception as exc:
@@ -254,57 +306,112 @@ def _rewrite(model: dict[str, Any], stored: Path, work_dir: Path) -> PreparedIns
     ts = UID(str(base_meta.get("TransferSyntaxUID", "") or ""))
     if not ts.is_transfer_syntax or ts == DeflatedExplicitVRLittleEndian:
         raise InvalidBody(f"the stored DICOM file {stored} has an unusable transfer syntax {str(ts)!r}")
+    for key, elem in model.items():
+        if not isinstance(key, str) or len(key) != 8 or not isinstance(elem, dict) or "vr" not in elem:
+            raise InvalidBody(
+                f"the body's dataset is not a DICOM JSON model: key {key!r} must be 8 hex digits "
+                "mapping to {'vr': ..., 'Value': [...]}"
+            )
+    sop_class = _model_uid(model, "00080016", "SOPClassUID")
+    sop_instance = _model_uid(model, "00080018", "SOPInstanceUID")
 
-    bulk: dict[int, tuple[str, BulkRef]] = {}
+    keep, recount = _untouched(model, raw_index)
+    pieces: dict[int, _Piece] = {int(key, 16): ("copy", *span) for key, span in keep.items()}
     small: dict[str, Any] = {}
     for key, elem in model.items():
-        if isinstance(elem, dict) and "BulkDataURI" in elem:
+        if key in keep:
+            continue
+        if "BulkDataURI" in elem:
             try:
                 tag = int(key, 16)
             except (TypeError, ValueError):
                 raise InvalidBody(f"the body's dataset key {key!r} is not 8 hex digits") from None
-            vr = str(elem.get("vr") or "OB")
-            bulk[tag] = (vr, parse_bulk_uri(elem["BulkDataURI"], f"element {key}"))
+            ref = parse_bulk_uri(elem["BulkDataURI"], f"element {key}")
+            pieces[tag] = ("bulk", _bulk_header(tag, str(elem.get("vr") or "OB"), ref, ts), ref)
         else:
             small[key] = elem
     ds = _dataset_from_json(small)
-    sop_class = _required_uid(ds, "SOPClassUID", "0008,0016")
-    sop_instance = _required_uid(ds, "SOPInstanceUID", "0008,0018")
     if ts.is_compressed and PIXEL_DATA in ds:
         ds[PIXEL_DATA].is_undefined_length = True
-    charset = ds.get("SpecificCharacterSet")
+    charset = model.get(_CHARSET, {}).get("Value")
     encodings = convert_encodings(charset) if charset else [default_encoding]
+    try:
+        for elem in ds:
+            if elem.tag.element == 0:
+                continue  # a group length in the model: counted anew below if the file had one
+            buf = DicomBytesIO()
+            buf.is_little_endian = ts.is_little_endian
+            buf.is_implicit_VR = ts.is_implicit_VR
+            write_data_element(buf, elem, encodings)
+            pieces[int(elem.tag)] = ("bytes", buf.getvalue())
+    except Exception as exc:
+        raise InvalidBody(f"the body's dataset cannot be encoded as DICOM: {exc}") from None
+    for key in recount:  # a group length the stored file had, for a group that changed
+        group = int(key[:4], 16)
+        total = sum(_piece_size(p) for t, p in pieces.items() if t >> 16 == group and t & 0xFFFF)
+        if total:
+            pieces[group << 16] = ("bytes", _group_length_element(group, total, ts))
 
     path = _temp_path(work_dir)
     try:
-        with open(path, "wb") as raw:
-            raw.write(b"\x00" * 128 + b"DICM")
-            fp = DicomFileLike(raw)
-            write_file_meta_info(fp, file_meta_for(sop_class, sop_instance, ts, base_meta))
-            fp.is_little_endian = ts.is_little_endian
-            fp.is_implicit_VR = ts.is_implicit_VR
-            for tag in sorted({int(t) for t in ds.keys()} | set(bulk)):
-                if tag in bulk:
-                    vr, ref = bulk[tag]
-                    _write_bulk(raw, tag, vr, ref, ts)
+        with open(path, "wb") as out, open(stored, "rb") as src:
+            out.write(b"\x00" * 128 + b"DICM")
+            write_file_meta_info(DicomFileLike(out), file_meta_for(sop_class, sop_instance, ts, base_meta))
+            pending: list[int] = []  # [offset, length] of stored bytes not yet copied
+            for tag in sorted(pieces):
+                piece = pieces[tag]
+                if piece[0] == "copy":
+                    if pending and pending[0] + pending[1] == piece[1]:
+                        pending[1] += piece[2]  # adjacent in the stored file: one copy
+                        continue
+                    _copy_range(src, out, pending, stored)
+                    pending = [piece[1], piece[2]]
+                    continue
+                _copy_range(src, out, pending, stored)
+                pending = []
+                if piece[0] == "bytes":
+                    out.write(piece[1])
                 else:
-                    elem = ds[Tag(tag)]
-                    if elem.tag.element == 0:
-                        continue  # stale group length
-                    write_data_element(fp, elem, encodings)
-    except InvalidBody:
+                    _write_bulk(out, tag, piece[1], piece[2], ts)
+            _copy_range(src, out, pending, stored)
+    except BaseException:
         path.unlink(missing_ok=True)
         raise
-    except OSError:
-        path.unlink(missing_ok=True)
-        raise
-    except Exception as exc:
-        path.unlink(missing_ok=True)
-        raise InvalidBody(f"the body's dataset cannot be encoded as DICOM: {exc}") from None
     return PreparedInstance(path, sop_class, sop_instance, str(ts), True)
 
 
-def _write_bulk(out: BinaryIO, tag: int, vr: str, ref: BulkRef, ts: UID) -> None:
+def _model_uid(model: dict[str, Any], key: str, keyword: str) -> str:
+    value = model.get(key, {}).get("Value")
+    uid = value[0] if isinstance(value, list) and value and isinstance(value[0], str) else ""
+    if not uid.strip("\0 "):
+        raise InvalidBody(
+            f"the body's dataset has no {keyword} ({key[:4]},{key[4:]}); a DICOM instance needs one"
+        )
+    return uid.strip("\0 ")
+
+
+def _group_length_element(group: int, length: int, ts: UID) -> bytes:
+    endian = "<" if ts.is_little_endian else ">"
+    if ts.is_implicit_VR:
+        return struct.pack(f"{endian}HHLL", group, 0, 4, length)
+    return struct.pack(f"{endian}HH2sHL", group, 0, b"UL", 4, length)
+
+
+def _copy_range(src: BinaryIO, out: BinaryIO, span: list[int], stored: Path) -> None:
+    """Copy ``span`` ([offset, length], or empty: nothing) of the stored file, in chunks."""
+    if not span:
+        return
+    src.seek(span[0])
+    remaining = span[1]
+    while remaining:
+        chunk = src.read(min(_CHUNK, remaining))
+        if not chunk:
+            raise InvalidBody(f"{stored} ended before the element at offset {span[0]} did")
+        out.write(chunk)
+        remaining -= len(chunk)
+
+
+def _bulk_header(tag: int, vr: str, ref: BulkRef, ts: UID) -> bytes:
     endian = "<" if ts.is_little_endian else ">"
     length = 0xFFFFFFFF if ref.undefined else ref.length
     if ref.length % 2 and not ref.undefined:
@@ -313,13 +420,15 @@ def _write_bulk(out: BinaryIO, tag: int, vr: str, ref: BulkRef, ts: UID) -> None
         )
     header = struct.pack(f"{endian}HH", tag >> 16, tag & 0xFFFF)
     if ts.is_implicit_VR:
-        header += struct.pack(f"{endian}L", length)
-    elif vr in _LONG_LENGTH_VRS:
-        header += vr.encode("ascii") + b"\x00\x00" + struct.pack(f"{endian}L", length)
-    else:
-        if length > 0xFFFF:
-            raise InvalidBody(f"element {tag:08X}: a {vr} value of {length} bytes does not fit explicit VR")
-        header += vr.encode("ascii") + struct.pack(f"{endian}H", length)
+        return header + struct.pack(f"{endian}L", length)
+    if vr in LONG_HEADER_VRS:
+        return header + vr.encode("ascii") + b"\x00\x00" + struct.pack(f"{endian}L", length)
+    if length > 0xFFFF:
+        raise InvalidBody(f"element {tag:08X}: a {vr} value of {length} bytes does not fit explicit VR")
+    return header + vr.encode("ascii") + struct.pack(f"{endian}H", length)
+
+
+def _write_bulk(out: BinaryIO, tag: int, header: bytes, ref: BulkRef, ts: UID) -> None:
     out.write(header)
     with open(ref.path, "rb") as src:
         src.seek(ref.offset)
@@ -331,4 +440,4 @@ def _write_bulk(out: BinaryIO, tag: int, vr: str, ref: BulkRef, ts: UID) -> None
             out.write(chunk)
             remaining -= len(chunk)
     if ref.undefined:
-        out.write(struct.pack(f"{endian}HHL", 0xFFFE, 0xE0DD, 0))
+        out.write(struct.pack("<HHL" if ts.is_little_endian else ">HHL", 0xFFFE, 0xE0DD, 0))
