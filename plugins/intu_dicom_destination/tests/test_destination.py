@@ -184,3 +184,119 @@ def test_intu_dicom_echo_with_an_unusable_ca_file_says_so_in_one_line(tmp_path):
     assert "Traceback" not in result.output
     unknown = CliRunner().invoke(cli, ["--dir", str(tmp_path), "dicom", "echo", "nope"])
     assert unknown.exit_code == 2 and "no destination named 'nope'" in unknown.output
+
+
+def test_a_status_that_never_ends_is_dead_lettered_after_max_age(scp_factory, ct_files, tmp_path):
+    """A PACS answering 0xA700 to one image for ever: bounded by retry.max_age_ms (issue 10,
+    item 9); the other images are delivered meanwhile."""
+    import time
+
+    from intu_core.delivery import DeliveryWorkers, RetryPolicy
+    from intu_core.queue import EntryState
+    from intu_core.queue.sqlite import SqliteQueueStore
+
+    files = ct_files(3)
+    stuck = str(dcmread(files[1]).SOPInstanceUID)
+    scp = scp_factory(
+        status=lambda n, event: 0xA700 if event.request.AffectedSOPInstanceUID == stuck else 0x0000
+    )
+    dest = DicomDestination(settings_for(scp, timeout_ms=5000), runtime(tmp_path))
+    store = SqliteQueueStore(tmp_path / "queue")
+    policy = RetryPolicy(initial_delay_ms=50, max_delay_ms=200, jitter=0.0, max_age_ms=1500)
+    workers = DeliveryWorkers(store, "pacs", dest, policy, threads=1)
+    try:
+        ids = store.enqueue([("pacs", Message(body=str(path))) for path in files])
+        workers.start()
+        deadline = time.monotonic() + 30
+        while workers.counts["dead"] + workers.counts["delivered"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert workers.counts == {**workers.counts, "delivered": 2, "dead": 1}
+        dead = store.get(ids[1])
+        assert dead is not None and dead.state is EntryState.DEAD and dead.attempts > 1
+        assert "gave up after" in dead.last_error and "retry.max_age_ms" in dead.last_error
+        assert "0xA700" in dead.last_error and dead.history[-1]["code"] == 0xA700
+        received = {r.sop_instance_uid for r in scp.received}  # on the peer's side
+        assert received == {str(dcmread(files[i]).SOPInstanceUID) for i in (0, 2)}
+    finally:
+        workers.stop(10)
+        dest.close()
+        store.close()
+
+
+# -- `intu dicom send` refuses broken local files before sending (issue 10, item 6) -------------------
+def _uids_differ(ct, folder):
+    from pydicom.uid import generate_uid
+
+    ds = dcmread(ct)
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = folder / "uids-differ.dcm"
+    ds.save_as(path, enforce_file_format=False)  # keeps the (wrong) file meta as it is
+    return path, "differs from the file meta's"
+
+
+def _odd_deflate(ct, folder):
+    import struct
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = dcmread(ct)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = folder / "odd-deflate.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    meta_end = 144 + struct.unpack("<I", data[140:144])[0]
+    if (len(data) - meta_end) % 2 == 0:  # a stray byte after the stream (zlib ignores it)
+        data += b"\0"
+    path.write_bytes(data)
+    return path, "deflated stream has an odd length"
+
+
+def _odd_fragment(ct, folder):
+    import struct
+
+    from pydicom.uid import RLELossless
+
+    ds = dcmread(ct)
+    item = b"\xfe\xff\x00\xe0"
+    ds.PixelData = (
+        item + struct.pack("<I", 0) + item + struct.pack("<I", 5) + b"abcde" + item + b"\x03\0\0\0fgh"
+    )
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds["PixelData"].is_undefined_length = True
+    path = folder / "odd-fragment.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, "fragment 1 has an odd length"
+
+
+def _truncated(ct, folder):
+    path = folder / "truncated.dcm"
+    path.write_bytes(ct.read_bytes()[:-1000])
+    return path, "truncated: element (7FE0,0010)"
+
+
+@pytest.mark.parametrize("craft", [_uids_differ, _odd_deflate, _odd_fragment, _truncated])
+def test_run_send_refuses_a_broken_file_at_once_without_an_association(
+    scp_factory, ct_files, tmp_path, craft
+):
+    scp = scp_factory()
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    path, words = craft(ct_files(1)[0], folder)
+    out = io.StringIO()
+    code = run_send(settings_for(scp, timeout_ms=30000), [path], out, progress=False, associations=1)
+    text = out.getvalue()
+    assert code == 1, text
+    assert f"FAILED (permanent): {path}: not sent: " in text and words in text, text
+    assert "sent 0 of 1" in text
+    assert scp.associations == [] and scp.received == []  # refused before any association
+
+
+def test_run_send_sends_the_datasets_uids(scp_factory, ct_files, tmp_path):
+    scp = scp_factory()
+    files = ct_files(3)
+    out = io.StringIO()
+    assert run_send(settings_for(scp), files, out, progress=False, associations=2) == 0, out.getvalue()
+    sent = {str(dcmread(p).SOPInstanceUID) for p in files}
+    assert {r.sop_instance_uid for r in scp.received} == sent
+    assert {str(scp.dataset(i).SOPInstanceUID) for i in range(3)} == sent

@@ -470,3 +470,168 @@ def test_a_failed_transcode_write_leaves_no_temporary_file(
     assert str(error.args[-1]) in result.detail
     assert list(work.iterdir()) == []
     assert scp.received == []
+
+
+# -- lossless transfer-syntax changes keep the instance (issue 10, items 1 and 4) ---------------------
+LOSSLESS_SAMPLES = {
+    "rle": "MR_small_RLE.dcm",
+    "jpeg-lossless": "SC_rgb_jpeg_gdcm.dcm",  # process 14, selection value 1
+    "jpeg-ls-lossless": "MR_small_jpeg_ls_lossless.dcm",
+    "jpeg2000-lossless": "MR_small_jp2klossless.dcm",
+}
+BIG_ENDIAN_SAMPLES = [
+    "MR_small_bigendian.dcm",  # 16-bit OW pixels
+    "rtdose_expb.dcm",  # 32-bit pixels, multi-frame
+    "liver_expb_1frame.dcm",  # 1-bit OB pixels
+    "ExplVR_BigEnd.dcm",  # 8-bit RGB in OB
+    "SC_rgb_small_odd_big_endian.dcm",  # 8-bit RGB in OW: swapped by 16-bit words
+]
+
+
+def pydicom_sample(name: str) -> Path:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"pydicom's bundled test file {name} is missing"
+    return Path(path)
+
+
+def assert_same_elements(sent, got, where: str = "") -> None:
+    """Every element of ``sent`` is in ``got`` with the same value (compared as values, not
+    bytes: the byte order may differ); sequences item by item. Pixel Data is compared by the
+    caller (decoded), retired group lengths are not sent."""
+    for elem in sent:
+        if elem.tag == 0x7FE00010 or elem.tag.element == 0:
+            continue
+        assert elem.tag in got, f"{where}{elem.tag} missing"
+        other = got[elem.tag]
+        if elem.VR == "SQ":
+            assert len(elem.value) == len(other.value), f"{where}{elem.tag}"
+            for i, (a, b) in enumerate(zip(elem.value, other.value, strict=True)):
+                assert_same_elements(a, b, f"{where}{elem.tag}[{i}].")
+        else:
+            assert elem.value == other.value, f"{where}{elem.tag} {elem.value!r} != {other.value!r}"
+
+
+@pytest.mark.parametrize("sample", list(LOSSLESS_SAMPLES.values()), ids=list(LOSSLESS_SAMPLES))
+def test_decompressing_for_an_uncompressed_only_peer_keeps_the_sop_instance_uid(
+    scp_factory, senders, tmp_path, sample
+):
+    path = pydicom_sample(sample)
+    original = dcmread(path)
+    assert original.file_meta.TransferSyntaxUID.is_compressed
+    scp = scp_factory(transfer_syntaxes=UNCOMPRESSED_ONLY)
+    result = senders(settings_for(scp), work_dir=tmp_path / "work").send_file(path)
+    assert result.status is SendStatus.SUCCESS, result.detail
+    assert result.data["transcoded_from"] == original.file_meta.TransferSyntaxUID
+    got = scp.dataset(0)
+    assert scp.received[0].sop_instance_uid == original.SOPInstanceUID == got.SOPInstanceUID
+    assert not got.file_meta.TransferSyntaxUID.is_compressed
+    assert np.array_equal(got.pixel_array, original.pixel_array)  # lossless: the same values
+    assert got.StudyInstanceUID == original.StudyInstanceUID and got.PatientID == original.PatientID
+
+
+@pytest.mark.parametrize("sample", BIG_ENDIAN_SAMPLES)
+def test_big_endian_is_converted_for_a_little_endian_only_peer(scp_factory, senders, tmp_path, sample):
+    path = pydicom_sample(sample)
+    original = dcmread(path)
+    assert not original.file_meta.TransferSyntaxUID.is_little_endian
+    scp = scp_factory(transfer_syntaxes=UNCOMPRESSED_ONLY)
+    result = senders(settings_for(scp), work_dir=tmp_path / "work").send_file(path)
+    assert result.status is SendStatus.SUCCESS, result.detail
+    assert result.data["transfer_syntax"] in UNCOMPRESSED_ONLY
+    got = scp.dataset(0)
+    assert got.file_meta.TransferSyntaxUID.is_little_endian
+    assert got.SOPInstanceUID == original.SOPInstanceUID
+    assert_same_elements(original, got)
+    assert np.array_equal(got.pixel_array, original.pixel_array)
+    assert not list((tmp_path / "work").iterdir())
+
+
+def test_binary_values_inside_sequences_are_swapped_by_their_vr(tmp_path):
+    from intu_dicom_destination.scu.transcode import transcode_to
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRBigEndian
+
+    ds = dcmread(pydicom_sample("MR_small_bigendian.dcm"))
+    item = Dataset()
+    item.add_new(0x00091010, "OF", np.array([1.5, -2.25], dtype=">f4").tobytes())
+    item.add_new(0x00091011, "OD", np.array([3.125], dtype=">f8").tobytes())
+    item.add_new(0x00091012, "OL", np.array([70000], dtype=">u4").tobytes())
+    item.add_new(0x00091013, "OW", np.array([513, 2], dtype=">u2").tobytes())
+    item.add_new(0x00091014, "OB", b"\x01\x02\x03\x04")
+    item.add_new(0x00091015, "FD", [2.5, 7.0])
+    item.add_new(0x00091016, "AT", [0x00100020])
+    item.add_new(0x00091017, "SS", [-3])
+    ds.add_new(0x00091001, "LO", "INTU TEST")
+    ds.add_new(0x00091002, "SQ", [item])
+    source = tmp_path / "be.dcm"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    ds.save_as(source, implicit_vr=False, little_endian=False, enforce_file_format=True)
+    out = transcode_to(source, ExplicitVRLittleEndian, tmp_path / "work")  # keeps the private VRs
+    got = dcmread(out)[0x00091002].value[0]
+    assert np.frombuffer(got[0x00091010].value, "<f4").tolist() == [1.5, -2.25]
+    assert np.frombuffer(got[0x00091011].value, "<f8").tolist() == [3.125]
+    assert np.frombuffer(got[0x00091012].value, "<u4").tolist() == [70000]
+    assert np.frombuffer(got[0x00091013].value, "<u2").tolist() == [513, 2]
+    assert got[0x00091014].value == b"\x01\x02\x03\x04"  # OB: a byte stream, never swapped
+    assert list(got[0x00091015].value) == [2.5, 7.0]
+    assert got[0x00091016].value == 0x00100020 and got[0x00091017].value == -3
+    assert dcmread(out).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_a_failed_conversion_says_what_was_tried(scp_factory, senders, tmp_path, monkeypatch):
+    from intu_dicom_destination.scu import transcode
+
+    def broken(ds, bits_allocated=None):
+        raise ValueError("odd OW length")
+
+    monkeypatch.setattr(transcode, "swap_binary_values", broken)
+    scp = scp_factory(transfer_syntaxes=UNCOMPRESSED_ONLY)
+    result = senders(settings_for(scp), work_dir=tmp_path / "work").send_file(
+        pydicom_sample("MR_small_bigendian.dcm")
+    )
+    assert result.status is SendStatus.PERMANENT
+    assert "converting Explicit VR Big Endian to" in result.detail and "odd OW length" in result.detail
+    assert "decompressing" not in result.detail
+
+
+# -- the peer stores none of the contexts (issue 10, item 7) ------------------------------------------
+def test_a_peer_that_stores_no_context_for_the_sop_class_is_a_permanent_failure(
+    scp_factory, senders, ct_files
+):
+    from pynetdicom import AE, evt
+
+    # A PACS that stores MR images only: the CT's contexts are all rejected.
+    ae = AE(ae_title="MR_ONLY")
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.4")
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0)])
+    try:
+        sender = senders(
+            DestinationSettings(host="127.0.0.1", port=port, called_ae_title="MR_ONLY", timeout_ms=5000)
+        )
+        result = sender.send_file(ct_files(1)[0])
+    finally:
+        server.shutdown()
+    assert result.status is SendStatus.PERMANENT, result.detail
+    assert "CT Image Storage" in result.detail and "1.2.840.10008.5.1.4.1.1.2" in result.detail
+    assert "accepted none of the" in result.detail and "abstract syntax not supported" in result.detail
+    assert "aborted" not in result.detail
+
+
+def test_a_context_rejected_on_an_established_association_names_what_was_accepted(
+    scp_factory, senders, ct_files, tmp_path
+):
+    scp = scp_factory()
+    sender = senders(settings_for(scp))
+    ct = ct_files(1)[0]
+    assert sender.send_file(ct).status is SendStatus.SUCCESS
+    ds = dcmread(ct)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.826.0.1.3680043.8.498.99"  # unknown
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    odd = tmp_path / "odd.dcm"
+    ds.save_as(odd, enforce_file_format=True)
+    result = sender.send_file(odd)
+    assert result.status is SendStatus.PERMANENT, result.detail
+    assert "1.2.826.0.1.3680043.8.498.99" in result.detail and "CT Image Storage" in result.detail

@@ -34,14 +34,23 @@ _BATCH = 8  # results per pipe message (fewer syscalls; the progress bar lags by
 
 
 def _send_threads(settings: DestinationSettings, items: Sequence[tuple[int, Item]], report: Report) -> None:
+    from intu_dicom_destination.scu.checks import Refused, check_local_file
     from intu_dicom_destination.scu.sender import DicomSender
 
     sender = DicomSender(settings, logging.getLogger("intu.dicom.send"))
     try:
 
         def one(entry: tuple[int, Item]) -> None:
-            index, (path, (sop_class, sop_instance, ts)) = entry
-            result = sender.send_file(path, sop_class, sop_instance, ts)
+            index, (path, _from_meta) = entry
+            # Read once here, in the worker: a broken file is refused before any association
+            # is spent on it, and the dataset's UIDs (not the file meta's) are the ones sent.
+            checked = check_local_file(path)
+            if isinstance(checked, Refused):
+                report(index, SendStatus.PERMANENT, f"not sent: {checked.reason}")
+                return
+            result = sender.send_file(
+                path, checked.sop_class_uid, checked.sop_instance_uid, checked.transfer_syntax_uid
+            )
             report(index, result.status, result.detail)
 
         if settings.max_associations <= 1:

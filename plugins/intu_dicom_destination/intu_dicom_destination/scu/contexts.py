@@ -4,7 +4,8 @@ For every (SOP class, transfer syntax) seen, we propose the instance's own trans
 the uncompressed ones as separate contexts, so that the SCP can accept the compressed bytes as
 they are *and* tell us whether it would take uncompressed data; new associations also propose
 the pairs seen recently (at most 128 contexts, PS3.8 / pynetdicom's limit). When the SCP accepts
-only uncompressed data for a compressed instance, the exchange decompresses (``transcode``).
+only uncompressed little-endian data for a compressed or big-endian instance, the exchange
+converts it (``transcode``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def contexts_for(first: Key, known: list[Key]) -> tuple[list[PresentationContext
 
 def choose_transfer_syntax(accepted: frozenset[Key], key: Key) -> str | None:
     """The transfer syntax to send ``key``'s instance in: its own when accepted, else an
-    accepted uncompressed one (the instance is then decompressed), else None."""
+    accepted uncompressed little-endian one (the instance is then converted), else None."""
     sop, ts = key
     if key in accepted:
         return ts

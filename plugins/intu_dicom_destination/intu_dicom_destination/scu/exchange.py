@@ -2,10 +2,11 @@
 
 ``Exchange`` owns the pynetdicom ``AE`` of a destination. It opens associations for the pool
 (parked, fast-polling, with a bounded send queue: see ``internals``), C-STOREs one instance by
-file path on a checked-out association (decompressing it first when the peer accepts only
-uncompressed data) and maps the response status to a ``SendResult``. A failed association
-request becomes a result that says what happened: refused, timed out, rejected and why, or the
-TLS problem and what to do about it.
+file path on a checked-out association (decompressing it, or converting big endian, first when
+the peer accepts only uncompressed little-endian data) and maps the response status to a
+``SendResult``. A failed association request becomes a result that says what happened: refused,
+timed out, rejected and why, no context accepted for the SOP class, or the TLS problem and what
+to do about it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from intu_dicom_destination.scu import statuses
 from intu_dicom_destination.scu.contexts import Key, choose_transfer_syntax, contexts_for
 from intu_dicom_destination.scu.pool import BUSY_DUL_DELAY, NoAssociation, PooledAssociation
 from intu_dicom_destination.scu.settings import DestinationSettings
-from intu_dicom_destination.scu.transcode import TranscodeWriteFailed, decompress_to
+from intu_dicom_destination.scu.transcode import TranscodeFailed, TranscodeWriteFailed, transcode_to
 from intu_dicom_destination.shared.logs import quiet_pynetdicom
 from intu_dicom_destination.shared.tls import TlsConfigError, client_context, describe_tls_error
 
@@ -109,6 +110,9 @@ class Exchange:
     def associate(self, contexts: list[PresentationContext]) -> Association:
         """Request an association proposing ``contexts`` (established or not: check it)."""
         handlers: list[Any] = [(evt.EVT_CONN_OPEN, _set_nodelay)] if NODELAY else []
+        # pynetdicom clears the socket's timeout once connected: a PACS that stops reading would
+        # then block the DUL's send (and the delivery worker) for ever.
+        handlers.append((evt.EVT_CONN_OPEN, self._set_socket_timeout))
         kwargs: dict[str, Any] = {}
         if self.ssl is not None:
             kwargs["tls_args"] = (self.ssl, self.settings.host)
@@ -122,12 +126,20 @@ class Exchange:
             **kwargs,
         )
 
+    def _set_socket_timeout(self, event: evt.Event) -> None:
+        """Every read and write of the association's socket under ``timeout_ms``."""
+        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        if sock is not None:
+            sock.settimeout(self.settings.timeout_ms / 1000)
+
     def open(self, key: Key, known: list[Key]) -> PooledAssociation:
         """A new association for the pool; raises ``NoAssociation`` with the reason."""
         contexts, proposed = contexts_for(key, known)
         assoc = self.associate(contexts)
         if not assoc.is_established:
-            raise NoAssociation(association_failure(assoc, self.settings, self.ssl is not None, self.who()))
+            raise NoAssociation(
+                association_failure(assoc, self.settings, self.ssl is not None, self.who(), key)
+            )
         self.associations_opened += 1
         try:
             # Park the reactor for as long as the pool owns the association; poll fast while busy.
@@ -161,11 +173,18 @@ class Exchange:
         sop, ts = key
         target = choose_transfer_syntax(pooled.accepted, key)
         if target is None:
+            as_other = sorted({UID(t).name for a, t in pooled.accepted if a == sop})
+            others = sorted({UID(a).name for a, _ in pooled.accepted if a != sop})
+            if as_other:
+                accepted = f"it accepts it only as {', '.join(as_other)}"
+            else:
+                accepted = "it accepted no presentation context for it" + (
+                    f" (only {', '.join(others)})" if others else ""
+                )
             return SendResult.permanent(
-                f"{self.settings.called_ae_title} at {self.settings.address} accepted no presentation "
-                f"context for SOP class {sop} ({UID(sop).name}) with {UID(ts).name} or an "
-                "uncompressed transfer syntax",
-                data=data,
+                f"{self.settings.called_ae_title} at {self.settings.address} does not store SOP class "
+                f"{sop} ({UID(sop).name}) as {UID(ts).name} or uncompressed: {accepted}",
+                data={**data, "association": "no-context"},
             ), True
         send_path, temp = path, None
         info: dict[str, Any] = {
@@ -175,16 +194,18 @@ class Exchange:
         }
         if target != ts:
             try:
-                temp = decompress_to(path, target, self.work_dir)
+                temp = transcode_to(path, target, self.work_dir)
             except TranscodeWriteFailed as exc:  # e.g. a full disk: it may clear up
                 return SendResult.retryable(
-                    f"cannot write the decompressed copy of {path} in {self.work_dir}: {exc}",
+                    f"cannot write the converted copy of {path} in {self.work_dir}: {exc}",
                     data=data,
                 ), True
-            except Exception as exc:  # noqa: BLE001 - decoders raise many kinds of errors
+            except Exception as exc:  # noqa: BLE001 - TranscodeFailed, or a file pydicom cannot read
+                if not isinstance(exc, TranscodeFailed):
+                    exc = TranscodeFailed(f"reading {path} failed: {type(exc).__name__}: {exc}")
                 return SendResult.permanent(
                     f"{self.settings.called_ae_title} accepts SOP class {UID(sop).name} only as "
-                    f"{UID(target).name} and decompressing {UID(ts).name} failed: {exc}",
+                    f"{UID(target).name}, not {UID(ts).name}; {exc}",
                     data=data,
                 ), True
             send_path = temp
@@ -261,10 +282,17 @@ class Exchange:
                 assoc.release()
 
 
-def association_failure(assoc: Association, settings: DestinationSettings, tls: bool, who: str) -> SendResult:
-    """Why ``assoc`` was not established, as a result: rejected (and whether for now), a TLS
-    problem and what to do, refused or timed out, aborted during negotiation."""
+def association_failure(
+    assoc: Association, settings: DestinationSettings, tls: bool, who: str, key: Key | None = None
+) -> SendResult:
+    """Why ``assoc`` was not established, as a result: rejected (and whether for now), no
+    presentation context accepted (the peer does not store ``key``'s SOP class), a TLS problem and
+    what to do, refused or timed out, aborted during negotiation."""
     error = internals.take_connect_error(assoc)
+    if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
+        # The peer answered A-ASSOCIATE-AC rejecting every context: pynetdicom then aborts. The
+        # same proposal will be refused again: permanent, not "aborted during negotiation".
+        return no_context_accepted(assoc.rejected_contexts, who, key)
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
         if prim is not None:
@@ -301,4 +329,23 @@ def association_failure(assoc: Association, settings: DestinationSettings, tls: 
     return SendResult.retryable(
         f"no association with {who}: no answer to the association request "
         f"within {settings.timeout_ms} ms or the connection was closed"
+    )
+
+
+def no_context_accepted(rejected: list[PresentationContext], who: str, key: Key | None) -> SendResult:
+    """The peer accepted none of the presentation contexts proposed: a permanent failure naming
+    the SOP class being sent and why the peer refused each SOP class proposed."""
+    reasons: dict[str, set[str]] = {}
+    for cx in rejected:
+        reasons.setdefault(str(cx.abstract_syntax), set()).add(cx.status.lower())
+    listed = "; ".join(f"{UID(uid).name}: {', '.join(sorted(why))}" for uid, why in sorted(reasons.items()))
+    if key is None:  # C-ECHO
+        what = "accept C-ECHO (Verification SOP class)"
+    else:
+        what = f"store SOP class {key[0]} ({UID(key[0]).name}) as {UID(key[1]).name} or uncompressed"
+    return SendResult.permanent(
+        f"{who} does not {what}: it accepted none of the {len(rejected)} presentation "
+        f"contexts proposed ({listed}) - check the SOP classes and transfer syntaxes the PACS "
+        "is configured to accept",
+        data={"association": "no-context"},
     )
