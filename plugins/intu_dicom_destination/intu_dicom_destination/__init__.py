@@ -42,6 +42,30 @@ def intu_cli_commands() -> list[click.Command]:
 
 
 @hookimpl
+def intu_message_from_file(source_type: str, path: Path, channel: str) -> Message | None:
+    """The message a `dicom` source makes of a stored Part-10 file (for `intu queue recover`);
+    raises ValueError for a file that is not a DICOM instance that can be parsed."""
+    if source_type != "dicom":
+        return None
+    from intu_dicom_destination.body import InvalidBody, body_from_file
+
+    try:
+        body = body_from_file(path)
+    except InvalidBody as exc:
+        raise ValueError(str(exc)) from None
+    # What the source knew of the association is gone; the identifiers are in the file itself.
+    metadata = {
+        "dicom": {
+            "sop_class_uid": body["sop_class_uid"],
+            "sop_instance_uid": body["sop_instance_uid"],
+            "transfer_syntax_uid": body["transfer_syntax_uid"],
+            "recovered_from_file": True,
+        }
+    }
+    return Message(body=body, channel=channel, metadata=metadata, files=(str(path),))
+
+
+@hookimpl
 def intu_write_message_file(message: Message, directory: Path) -> Path | None:
     """Write a DICOM body as ``<SOPInstanceUID>.dcm`` (a Part-10 file) for the `file` destination."""
     body = message.body

@@ -217,3 +217,173 @@ def test_threading_event_condition_has_waiters() -> None:
     assert _wait(lambda: bool(event._cond._waiters))  # type: ignore[attr-defined]
     event.set()
     waiter.join(5)
+
+
+# -- the acceptor side (DICOM source) -------------------------------------------------------------
+
+
+class _Probe:
+    """What the acceptor-side tests saw, from a server built with ``make_server``."""
+
+    def __init__(self) -> None:
+        self.assocs: list[Any] = []
+
+
+@pytest.fixture
+def probe_server() -> Iterator[tuple[Any, _Probe]]:
+    """An echo server whose request handler creates its association with ``create_acceptor``."""
+    from pynetdicom import evt
+    from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+    probe = _Probe()
+
+    class Handler(RequestHandler):
+        def handle(self) -> None:
+            assoc = internals.create_acceptor(self)
+            probe.assocs.append(assoc)
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+
+    ae = AE(ae_title="ECHO_SCP")
+    ae.add_supported_context(Verification)
+    server = ae.make_server(("127.0.0.1", 0), server_class=ThreadedAssociationServer, request_handler=Handler)
+    internals.register_server(ae, server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server, probe
+    finally:
+        server.shutdown()  # works only if register_server made the AE know it
+    assert server not in ae._servers
+
+
+def _echo_assoc(server: Any) -> Any:
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(Verification)
+    return ae.associate(*server.server_address, ae_title="ECHO_SCP")
+
+
+def test_create_acceptor_gives_a_configured_unstarted_association(probe_server: Any) -> None:
+    server, probe = probe_server
+    assoc = _echo_assoc(server)
+    try:
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        (acceptor,) = probe.assocs
+        assert acceptor.is_acceptor and acceptor.dul.socket is not None
+    finally:
+        assoc.release()
+
+
+def test_reject_for_limit_sends_local_limit_exceeded(probe_server: Any) -> None:
+    server, probe = probe_server
+    from pynetdicom import evt
+
+    server.bind(evt.EVT_REQUESTED, lambda event: internals.reject_for_limit(event.assoc))
+    assoc = _echo_assoc(server)
+    assert assoc.is_rejected
+    assert (assoc.acceptor.primitive.result, assoc.acceptor.primitive.result_source) == (0x02, 0x03)
+    assert assoc.acceptor.primitive.diagnostic == 0x02
+
+
+def test_guard_dimse_receive_sees_every_p_data_and_can_abort(probe_server: Any) -> None:
+    server, probe = probe_server
+    from pynetdicom import evt
+
+    seen: list[bool] = []
+
+    def check(assoc: Any, primitive: Any) -> None:
+        seen.append(internals.pending_dimse_command(assoc))
+        raise RuntimeError("refused")
+
+    server.bind(evt.EVT_REQUESTED, lambda event: internals.guard_dimse_receive(event.assoc, check))
+    assoc = _echo_assoc(server)
+    try:
+        assert assoc.is_established
+        assoc.send_c_echo()
+        assert _wait(lambda: not assoc.is_established)  # the DUL error ended the association
+        assert seen == [False]
+    finally:
+        if assoc.is_established:
+            assoc.abort()
+
+
+def test_contain_dul_errors_catches_what_escapes_the_dul_thread(probe_server: Any) -> None:
+    server, probe = probe_server
+    from pynetdicom import evt
+
+    errors: list[BaseException] = []
+
+    def arm(event: Any) -> None:
+        internals.contain_dul_errors(event.assoc, errors.append)
+
+    def boom(event: Any) -> None:
+        raise KeyError("state machine")
+
+    # Bound before the association starts (EVT_CONN_OPEN fires before assoc.start()).
+    server.bind(evt.EVT_CONN_OPEN, arm)
+    assoc = _echo_assoc(server)
+    assert assoc.is_established
+    (acceptor,) = probe.assocs
+    acceptor.dul.state_machine.do_action = boom  # the next event raises out of run_reactor
+    assoc.send_c_echo()
+    assert _wait(lambda: bool(errors))
+    assert isinstance(errors[0], KeyError) and not acceptor.dul.is_alive()
+    assoc.abort()
+
+
+def test_receive_files_under_redirects_and_bounds_chunked_receives(tmp_path: Path) -> None:
+    import pynetdicom.dimse_messages
+    from pynetdicom import evt
+
+    ae = AE(ae_title="STORE_SCP")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    opened: list[str] = []
+    stored: list[str] = []
+    internals.receive_files_under(ae, tmp_path, 64 * 1024, opened.append)
+    assert pynetdicom.dimse_messages.NamedTemporaryFile is internals._named_temporary_file
+    old = _config.STORE_RECV_CHUNKED_DATASET
+    internals.enable_chunked_receive()
+    server = ae.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, lambda e: stored.append(str(e.dataset_path)) or 0)],
+    )
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate(*server.server_address, ae_title="STORE_SCP")
+        small = _ct(8)
+        assert assoc.send_c_store(small).Status == 0
+        assert len(opened) == 1 and Path(opened[0]).parent == tmp_path and stored == opened
+        big = _ct(256)  # over the 64 KiB limit: the DUL thread aborts the association
+        status = assoc.send_c_store(big)
+        assert not status or status.Status != 0
+        assert _wait(lambda: not assoc.is_established)
+        assert len(opened) == 2 and len(stored) == 1
+    finally:
+        _config.STORE_RECV_CHUNKED_DATASET = old
+        server.shutdown()
+
+
+def _ct(size_kib: int) -> Dataset:
+    from intu_dicom_destination.testing import ct_instance
+
+    return ct_instance(study_uid=generate_uid(), series_uid=generate_uid(), number=1, size_kib=size_kib)
+
+
+def test_a_receive_file_the_disk_refuses_is_reported_not_raised(tmp_path: Path) -> None:
+    import errno
+    import tempfile
+
+    class FullDisk(io.BytesIO):
+        name = str(tmp_path / "rx.dcm")
+
+        def write(self, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    wrapped = internals._BoundedTempFile(FullDisk(), 0)
+    wrapped.write(b"DICM")  # pynetdicom's DUL thread would abort the association on a raise
+    wrapped.file.flush()
+    failure = internals.receive_failure(FullDisk.name)
+    assert failure is not None and failure.errno == errno.ENOSPC
+    assert internals.receive_failure(FullDisk.name) is None  # told once
+    assert tempfile.NamedTemporaryFile is not internals._named_temporary_file

@@ -384,7 +384,14 @@ def test_settings_defaults(tmp_path: Path) -> None:
     assert settings == SourceSettings(port=11113)
     assert settings.ae_title == "INTU_SCP" and settings.host == "0.0.0.0"
     assert settings.require_called_ae_title and settings.calling_ae_titles == ()
-    assert settings.max_pdu_length == 65536 and settings.max_associations == 10
+    # The association limit counts established associations: 30 modalities at once fit.
+    assert settings.max_pdu_length == 65536 and settings.max_associations == 64
+    assert settings.max_associations_per_peer == 16 and settings.max_connections == 256
+    assert settings.association_request_timeout_ms == 30_000  # PS3.8's ARTIM, as DCMTK
+    assert settings.read_timeout_ms == 30_000 and settings.write_timeout_ms == 30_000
+    assert settings.idle_timeout_ms == 300_000
+    assert settings.max_instance_mb == 4096 and settings.max_inflate_ratio == 200
+    assert settings.sop_classes == ()  # any storage SOP class
     assert settings.stop_grace_ms == 10_000
     assert not settings.tls.enabled
 
@@ -398,6 +405,15 @@ def test_settings_full(tmp_path: Path, pki: dict[str, Path]) -> None:
         "require_called_ae_title": False,
         "max_pdu_length": 0,
         "max_associations": 4,
+        "max_associations_per_peer": 2,
+        "max_connections": 8,
+        "association_request_timeout_ms": 5000,
+        "read_timeout_ms": 6000,
+        "write_timeout_ms": 7000,
+        "idle_timeout_ms": 8000,
+        "max_instance_mb": 0,
+        "max_inflate_ratio": 50,
+        "sop_classes": ["1.2.840.10008.5.1.4.1.1.6", "1.2.3.4.5"],
         "stop_grace_ms": 2500,
         "tls": {
             "enabled": True,
@@ -411,6 +427,11 @@ def test_settings_full(tmp_path: Path, pki: dict[str, Path]) -> None:
     assert problems == []
     assert settings.port == 11113 and settings.calling_ae_titles == ("CT1", "MR1")
     assert settings.stop_grace_ms == 2500
+    assert (settings.max_associations_per_peer, settings.max_connections) == (2, 8)
+    assert (settings.association_request_timeout_ms, settings.read_timeout_ms) == (5000, 6000)
+    assert (settings.write_timeout_ms, settings.idle_timeout_ms) == (7000, 8000)
+    assert (settings.max_instance_mb, settings.max_inflate_ratio) == (0, 50)
+    assert settings.sop_classes == ("1.2.840.10008.5.1.4.1.1.6", "1.2.3.4.5")
     assert settings.tls == _tls_settings(pki, require_client_cert=True)
 
 
@@ -428,6 +449,25 @@ def test_settings_full(tmp_path: Path, pki: dict[str, Path]) -> None:
             "calling_ae_titles: expected an AE title of at most 16",
         ),
         ({"port": 104, "max_associations": 0}, "max_associations: expected an integer from 1"),
+        (
+            {"port": 104, "max_pdu_length": 100},
+            "max_pdu_length: expected 0 (no limit) or at least 4096, found 100",
+        ),
+        (
+            {"port": 104, "max_associations_per_peer": 0},
+            "max_associations_per_peer: expected an integer from 1",
+        ),
+        (
+            {"port": 104, "max_connections": 4},
+            "max_connections: expected at least max_associations (64), found 4",
+        ),
+        (
+            {"port": 104, "association_request_timeout_ms": 0},
+            "association_request_timeout_ms: expected an integer",
+        ),
+        ({"port": 104, "read_timeout_ms": -1}, "read_timeout_ms: expected an integer"),
+        ({"port": 104, "max_inflate_ratio": 1}, "max_inflate_ratio: expected an integer from 2"),
+        ({"port": 104, "sop_classes": ["CT"]}, "sop_classes: expected SOP Class UIDs such as"),
         ({"port": 104, "ae_titel": "X"}, "unknown key 'ae_titel' (did you mean 'ae_title'?)"),
         ({"port": 104, "tls": {"enabled": True}}, "missing required key 'cert'"),
         (

@@ -7,6 +7,7 @@ import errno
 import os
 import shutil
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -14,15 +15,48 @@ from intu_core import fsync_dir, fsync_path
 from intu_dicom_destination.body import inflate_part10
 
 _COPY_CHUNK = 1024 * 1024
+#: A deflated instance may always inflate to this much, whatever its ratio (tiny datasets of
+#: repeated values compress far more than images).
+_INFLATE_FLOOR = 16 * 1024 * 1024
 
 
-def persist(temp: Path, path: Path, transfer_syntax: str) -> None:
+class InflateLimit(Exception):
+    """A deflated instance inflates past ``max_inflate_ratio`` or ``max_instance_mb``: a deflate bomb."""
+
+
+class _Bounded:
+    """A writable file that refuses to grow past ``limit`` bytes (checked while writing)."""
+
+    def __init__(self, dest: BinaryIO, limit: int, why: str) -> None:
+        self._dest = dest
+        self._limit = limit
+        self._why = why
+        self._written = 0
+
+    def write(self, data: Any) -> int:
+        """Write ``data`` unless the limit would be exceeded."""
+        self._written += len(data)
+        if self._written > self._limit:
+            raise InflateLimit(self._why)
+        return self._dest.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dest, name)
+
+
+def persist(temp: Path, path: Path, transfer_syntax: str, *, max_bytes: int = 0, max_ratio: int = 0) -> None:
     """Move pynetdicom's temporary Part-10 file to ``path`` and make it durable (file and folder
-    fsynced); a deflated instance is stored inflated."""
+    fsynced); a deflated instance is stored inflated, to at most ``max_ratio`` times its size (and
+    ``max_bytes``; 0 = no limit), else ``InflateLimit`` and nothing is left at ``path``."""
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         # Bulk-data offsets cannot point into a deflated stream: store it inflated.
-        with open(temp, "rb") as src, open(path, "wb") as dest:
-            inflate_part10(src, dest)
+        limit = max(temp.stat().st_size * max_ratio, _INFLATE_FLOOR) if max_ratio else 1 << 62
+        why = f"inflates to more than {max_ratio}x its {temp.stat().st_size} bytes"
+        if max_bytes and max_bytes < limit:
+            limit, why = max_bytes, f"inflates to more than {max_bytes // (1024 * 1024)} MiB"
+        with open(temp, "rb") as src, open(path, "wb") as raw:
+            dest = _Bounded(raw, limit, why)
+            inflate_part10(src, dest)  # type: ignore[arg-type]
             dest.flush()
             os.fsync(dest.fileno())
     else:
@@ -32,7 +66,7 @@ def persist(temp: Path, path: Path, transfer_syntax: str) -> None:
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            with open(temp, "rb") as src, open(path, "wb") as dest:
-                shutil.copyfileobj(src, dest, _COPY_CHUNK)
+            with open(temp, "rb") as src, open(path, "wb") as copy:
+                shutil.copyfileobj(src, copy, _COPY_CHUNK)
         fsync_path(path)
     fsync_dir(path.parent)

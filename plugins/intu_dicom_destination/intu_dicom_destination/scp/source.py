@@ -15,8 +15,19 @@ accepted (queued) or filtered          0x0000 success
 busy (queue over its limit), disk full 0xA700 out of resources
 failed (transformer raised, ...)       0x0110 processing failure + ErrorComment
 unparseable dataset, corrupt deflate   0xC000 cannot understand + ErrorComment
+empty dataset, compressed pixel data   0xC000 cannot understand + ErrorComment
+  in an uncompressed transfer syntax
+dataset UIDs missing or not the        0xA900 dataset does not match SOP class
+  command's                              + ErrorComment
+SOP class not the context's (an image  0x0122 SOP class not supported + ErrorComment
+  on the Verification context)
+deflate bomb (over max_inflate_ratio)  0xA700 out of resources + ErrorComment
 unexpected error while storing         0x0110 processing failure + ErrorComment
 =====================================  ==========================================
+
+Connections are guarded (``scp.guard``): deadlines, limits, partial files, one log line per bad
+connection. Any storage SOP class is accepted (retired and private ones too, ``checks.is_storage_like``)
+unless ``sop_classes`` restricts the list.
 """
 
 from __future__ import annotations
@@ -45,13 +56,17 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom import AE, evt
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class  # type: ignore[attr-defined]
 
 from intu_core import Acceptance, AcceptanceStatus, DeliverCallback, Message, Runtime, SourceType
 from intu_dicom_destination import internals
 from intu_dicom_destination.body import InvalidBody, body_from_file
-from intu_dicom_destination.scp.persist import persist
+from intu_dicom_destination.scp.checks import Refusal, check_body, check_request, is_storage_like
+from intu_dicom_destination.scp.guard import Guard, GuardedServer
+from intu_dicom_destination.scp.persist import InflateLimit, persist
 from intu_dicom_destination.scp.settings import SourceSettings, parse_source_settings
 from intu_dicom_destination.shared.logs import quiet_pynetdicom
 from intu_dicom_destination.shared.tls import server_context
@@ -59,7 +74,7 @@ from intu_dicom_destination.shared.tls import server_context
 internals.require_pynetdicom()
 
 #: Transfer syntaxes the source accepts for every storage SOP class, in order of preference.
-TRANSFER_SYNTAXES = [
+TRANSFER_SYNTAXES: list[str] = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
@@ -81,6 +96,10 @@ STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
 
+def _refusal(refusal: Refusal) -> Dataset:
+    return _status(refusal.status, refusal.reason)
+
+
 def _status(code: int, comment: str) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -91,15 +110,49 @@ def _status(code: int, comment: str) -> Dataset:
 
 def _application_entity(s: SourceSettings) -> AE:
     ae = AE(ae_title=s.ae_title)
-    for context in AllStoragePresentationContexts:
-        assert context.abstract_syntax is not None  # pynetdicom's own list: always set
-        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    # Storage contexts are added per association, for what the peer proposes (``_add_storage``):
+    # pynetdicom has no "any storage SOP class" and its list stops at current, standard ones.
+    for uid in s.sop_classes:
+        _storage_service(uid)
+        ae.add_supported_context(uid, TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.require_calling_aet = list(s.calling_ae_titles)
     ae.require_called_aet = s.require_called_ae_title
-    ae.maximum_associations = s.max_associations
+    # The guard counts established associations; pynetdicom's own count (its acceptor threads, a
+    # port probe included) must never refuse first.
+    ae.maximum_associations = s.max_connections + 1
     ae.maximum_pdu_size = s.max_pdu_length
+    # Backstops only: the guard closes a connection at association_request_timeout_ms.
+    ae.acse_timeout = s.association_request_timeout_ms / 1000 + 5
+    ae.network_timeout = s.idle_timeout_ms / 1000
     return ae
+
+
+_registered_lock = threading.Lock()
+
+
+def _storage_service(uid: str) -> None:
+    """Make pynetdicom hand C-STOREs of ``uid`` (retired, private, newer than pynetdicom) to its
+    storage service, i.e. to our EVT_C_STORE handler (a process-wide, additive registration)."""
+    with _registered_lock:
+        if uid_to_service_class(uid) is not StorageServiceClass:
+            register_uid(uid, "IntuStorage_" + uid.replace(".", "_"), StorageServiceClass)
+
+
+def _add_storage(assoc: Any, allowed: tuple[str, ...]) -> None:
+    """Support every storage-like abstract syntax the peer proposes (only ``allowed`` if set)."""
+    supported = assoc.acceptor.supported_contexts
+    have = {str(cx.abstract_syntax) for cx in supported}
+    added: list[PresentationContext] = []
+    for cx in assoc.requestor.requested_contexts:
+        uid = str(cx.abstract_syntax or "")
+        if uid in have or not uid or allowed or not is_storage_like(uid):
+            continue
+        _storage_service(uid)
+        added.append(build_context(uid, list(TRANSFER_SYNTAXES)))
+        have.add(uid)
+    if added:
+        assoc.acceptor.supported_contexts = supported + added
 
 
 def _answer(acceptance: Acceptance, logger: Any, name: str, sop_instance: str, who: str) -> int | Dataset:
@@ -130,6 +183,10 @@ class DicomSource:
         self.received_dir = runtime.spool_dir
         self._deliver: DeliverCallback | None = None
         self._server: Any = None
+        self._guard: Guard | None = None
+        # Where pynetdicom writes datasets being received: under the data folder (its disk guard),
+        # outside the engine's spool folder, emptied at start.
+        self.incoming_dir = runtime.data_dir / "incoming" / runtime.name
         self._lock = threading.Lock()
         self._in_flight = 0
         self._idle = threading.Condition(self._lock)
@@ -160,6 +217,7 @@ class DicomSource:
         quiet_pynetdicom()  # pynetdicom logs 2 INFO lines per C-STORE; keep them for debug
         self._deliver = deliver
         self.received_dir.mkdir(parents=True, exist_ok=True)
+        self._sweep_incoming()
         s = self.settings
         ae = _application_entity(s)
         ssl_context = None
@@ -168,20 +226,40 @@ class DicomSource:
                 ssl_context = server_context(s.tls)
             except Exception as exc:  # ssl.SSLError, OSError, tls.TlsConfigError
                 raise RuntimeError(f"DICOM source {self.runtime.name}: cannot set up TLS: {exc}") from exc
+        guard = Guard(s, self.logger, self.runtime.name)
+        internals.receive_files_under(
+            ae, self.incoming_dir, s.max_instance_mb * 1024 * 1024, guard.receive_file_opened
+        )
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_CONN_CLOSE, self._on_ended),
         ]
         try:
-            self._server = ae.start_server(
-                (s.host, s.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+            server = ae.make_server(
+                (s.host, s.port),
+                ae_title=s.ae_title,
+                evt_handlers=handlers,
+                server_class=GuardedServer,
+                guard=guard,
+                tls=ssl_context,
             )
         except OSError as exc:  # port taken, address not local, no permission for a port < 1024
             raise RuntimeError(
                 f"DICOM source {self.runtime.name}: cannot listen on {s.host}:{s.port}: {exc.strerror or exc}"
             ) from exc
+        internals.register_server(ae, server)
+        guard.start()
+        self._guard = guard
+        self._server = server
+        threading.Thread(
+            target=server.serve_forever, name=f"intu-dicom-accept-{self.runtime.name}", daemon=True
+        ).start()
         self.logger.info(
             "DICOM source %s listening on %s:%d as %s%s",
             self.runtime.name,
@@ -191,38 +269,82 @@ class DicomSource:
             " (TLS)" if ssl_context else "",
         )
 
+    def _sweep_incoming(self) -> None:
+        """Partial receive files left by a crash: nothing refers to them, nothing was acknowledged."""
+        self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        swept = 0
+        for path in self.incoming_dir.iterdir():
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                swept += 1
+        if swept:
+            self.logger.info(
+                "DICOM source %s: removed %d partial transfer(s) from %s",
+                self.runtime.name,
+                swept,
+                self.incoming_dir,
+            )
+
     def stop(self) -> None:
-        """Stop accepting associations, let open ones finish (then abort them), and return."""
+        """Stop accepting, let associations finish for ``stop_grace_ms``, close everything else.
+
+        Returns within about ``stop_grace_ms`` + 1 s whatever the peers do: a C-STORE being handled
+        is answered first (its instance is then safe), stalled connections are closed."""
         server, self._server = self._server, None
-        if server is None:
+        guard = self._guard
+        if server is None or guard is None:
             return
-        server.shutdown()  # closes the listening socket; does not wait for associations
-        # Listed only now: an association accepted while shutdown() ran is waited for (or aborted)
-        # too. shutdown() joins the request threads, so every accepted connection has its thread.
-        associations = list(server.active_associations)
-        # A connection that never sent an A-ASSOCIATE-RQ (a port probe, a load balancer's health
-        # check) has nothing in flight: close it now instead of waiting for its ARTIM timeout.
-        for assoc in associations:
-            if not assoc.is_established and assoc.requestor.primitive is None and assoc.is_alive():
-                internals.end_unassociated(assoc)
+        server.shutdown()  # stops accepting and closes the listening socket
+        # A connection that never sent an A-ASSOCIATE-RQ (a port probe, an attacker) has nothing in
+        # flight: close it now.
+        for conn in guard.open_connections():
+            if not conn.requested:
+                conn.close("intu is stopping")
         deadline = time.monotonic() + self.settings.stop_grace_ms / 1000
-        for assoc in associations:
-            assoc.join(max(0.0, deadline - time.monotonic()))
-        for assoc in associations:
-            if assoc.is_alive():
-                # Wait for a C-STORE being handled to be answered: its instance is then safe.
-                with self._idle:
-                    self._idle.wait_for(lambda: self._in_flight == 0, timeout=60)
+        for conn in guard.open_connections():
+            if conn.assoc is not None:
+                conn.assoc.join(max(0.0, deadline - time.monotonic()))
+        left = [c for c in guard.open_connections() if c.assoc is not None and c.assoc.is_alive()]
+        if left:
+            # A C-STORE being handled is answered first: its instance is then safe.
+            with self._idle:
+                self._idle.wait_for(
+                    lambda: self._in_flight == 0, timeout=max(5.0, self.settings.stop_grace_ms / 1000)
+                )
+            for conn in left:
                 self.logger.warning(
                     "DICOM source %s: aborting association from %s still open at shutdown",
                     self.runtime.name,
-                    assoc.requestor.ae_title,
+                    conn.who,
                 )
-                assoc.abort()
-                assoc.join(5)
+                conn.close("intu is stopping")
+            end = time.monotonic() + 5
+            for conn in left:
+                conn.assoc.join(max(0.0, end - time.monotonic()))
+        guard.stop()
         self.logger.info("DICOM source %s stopped", self.runtime.name)
 
     # -- events ----------------------------------------------------------------------------
+    def _on_requested(self, event: Any) -> None:
+        """A complete A-ASSOCIATE-RQ: count it against the limits, add the storage contexts."""
+        assoc = event.assoc
+        guard = self._guard
+        reason = guard.admit(assoc) if guard is not None else None
+        if reason is not None:
+            self._associations_rejected.inc()
+            internals.reject_for_limit(assoc)
+            req = assoc.requestor
+            self.logger.warning(
+                "DICOM source %s: association from %s (%s:%s) rejected: %s",
+                self.runtime.name, req.ae_title, req.address, req.port, reason,
+            )  # fmt: skip
+            return
+        _add_storage(assoc, self.settings.sop_classes)
+
+    def _on_ended(self, event: Any) -> None:
+        if self._guard is not None:
+            self._guard.release(event.assoc)
+
     def _on_accepted(self, event: Any) -> None:
         self._associations_accepted.inc()
         req = event.assoc.requestor
@@ -236,6 +358,8 @@ class DicomSource:
 
     def _on_rejected(self, event: Any) -> None:
         self._associations_rejected.inc()
+        if self._guard is not None:
+            self._guard.release(event.assoc)
         req = event.assoc.requestor
         self.logger.warning(
             "DICOM source %s: association from calling AE %r (%s:%s) to called AE %r rejected",
@@ -268,10 +392,24 @@ class DicomSource:
         who = f"{assoc.requestor.ae_title}@{assoc.requestor.address}:{assoc.requestor.port}"
         name = self.runtime.name
 
+        refusal = check_request(sop_class, sop_instance, str(event.context.abstract_syntax))
+        if refusal is not None:
+            return self._refuse(refusal, sop_instance, who)
+        failure = internals.receive_failure(event.dataset_path)
+        if failure is not None:  # writing the received dataset failed (a full disk)
+            if failure.errno in (errno.ENOSPC, errno.EDQUOT):
+                return self._refuse(Refusal(STATUS_OUT_OF_RESOURCES, "out of disk space"), sop_instance, who)
+            refusal = Refusal(STATUS_PROCESSING_FAILURE, f"cannot store instance: {failure.strerror}")
+            return self._refuse(refusal, sop_instance, who)
         path = self.received_dir / f"{uuid.uuid4().hex}.dcm"
         try:
             self._persist(Path(event.dataset_path), path, transfer_syntax)
             self._bytes_received.inc(path.stat().st_size)
+        except InflateLimit as exc:
+            path.unlink(missing_ok=True)
+            return self._refuse(
+                Refusal(STATUS_OUT_OF_RESOURCES, f"deflated dataset {exc}"), sop_instance, who
+            )
         except OSError as exc:
             path.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -307,6 +445,10 @@ class DicomSource:
                 "DICOM source %s: cannot parse %s from %s: %s: answered 0xC000", name, sop_instance, who, exc
             )
             return _status(STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed")
+        refusal = check_body(body, sop_class, sop_instance, transfer_syntax)
+        if refusal is not None:
+            path.unlink(missing_ok=True)
+            return self._refuse(refusal, sop_instance, who)
 
         message = Message(
             body=body,
@@ -336,8 +478,23 @@ class DicomSource:
             return _status(STATUS_PROCESSING_FAILURE, f"engine error: {exc}")
         return _answer(acceptance, self.logger, name, sop_instance, who)
 
+    def _refuse(self, refusal: Refusal, sop_instance: str, who: str) -> Dataset:
+        self.logger.error(
+            "DICOM source %s: %s from %s refused (%s): answered 0x%04X",
+            self.runtime.name, sop_instance, who, refusal.reason, refusal.status,
+        )  # fmt: skip
+        return _refusal(refusal)
+
     def _persist(self, temp: Path, path: Path, transfer_syntax: str) -> None:
-        persist(temp, path, transfer_syntax)  # a method: tests replace it to simulate a full disk
+        # A method: tests replace it to simulate a full disk.
+        s = self.settings
+        persist(
+            temp,
+            path,
+            transfer_syntax,
+            max_bytes=s.max_instance_mb * 1024 * 1024,
+            max_ratio=s.max_inflate_ratio,
+        )
 
 
 SOURCE_TYPE = SourceType(
