@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -36,10 +37,26 @@ def write_send_project(folder: Path, scp_port: int) -> Path:
     return _write_project(folder, None, scp_port, queue=None)
 
 
-def write_route_project(folder: Path, listen_port: int, scp_port: int) -> Path:
+def write_route_project(
+    folder: Path, listen_port: int, scp_port: int, *, postgres: tuple[str, str] | None = None
+) -> Path:
     """storescu -> channel ``route`` (a DICOM source on ``listen_port``) -> durable queue (2
-    threads) -> destination ``storescp``."""
-    return _write_project(folder, listen_port, scp_port, queue="{enabled: true, threads: 2}")
+    threads) -> destination ``storescp``. The queue is SQLite in the project's data folder, or with
+    ``postgres=(dsn, schema)`` that PostgreSQL schema, shared by every node written with it."""
+    project = _write_project(folder, listen_port, scp_port, queue="{enabled: true, threads: 2}")
+    if postgres is not None:
+        dsn, schema = postgres
+        with (project / "intu.yaml").open("a") as config:
+            config.write(f"queue:\n  backend: postgres\n  dsn: {json.dumps(dsn)}\n  schema: {schema}\n")
+    return project
+
+
+def drop_postgres_schema(dsn: str, schema: str) -> None:
+    """Remove a benchmark run's queue tables (psycopg comes with the intu-postgres-queue plugin)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'.encode())
 
 
 def _write_project(folder: Path, listen_port: int | None, scp_port: int, queue: str | None) -> Path:

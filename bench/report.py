@@ -98,6 +98,9 @@ def render(results: dict[str, Any]) -> str:
             "orthanc": "Orthanc (store + Lua forward)",
             "orthanc_rest": "Orthanc (store, then REST store)",
         }
+        if "intu_pg1" in route["runs"]:  # --queue postgres
+            labels["intu_pg1"] = "intu, PostgreSQL queue, 1 node"
+            labels["intu_pg2"] = "intu, PostgreSQL queue, 2 nodes"
         for k, label in labels.items():
             md = route["median"].get(k, {})
             if not route["runs"].get(k):

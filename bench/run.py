@@ -58,6 +58,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--keep", action="store_true", help="keep the temp folder (logs) for inspection")
     p.add_argument(
+        "--queue",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="postgres: the route job also runs one and two intu serve nodes sharing a PostgreSQL queue"
+        " (the intu-postgres-queue plugin installed; --postgres-dsn), against the SQLite figure",
+    )
+    p.add_argument(
+        "--postgres-dsn",
+        default=os.environ.get("INTU_BENCH_POSTGRES_DSN", ""),
+        metavar="DSN",
+        help="the PostgreSQL database for --queue postgres (default: $INTU_BENCH_POSTGRES_DSN); each run"
+        " uses a schema of its own and drops it",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=REPO / "bench" / "results" / "latest.json",
@@ -66,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.count < 1 or a.runs < 1 or a.idle_seconds <= 0:
         p.error("--count and --runs must be >= 1, --idle-seconds > 0")
+    if a.queue == "postgres" and not a.postgres_dsn:
+        p.error("--queue postgres needs --postgres-dsn DSN (or INTU_BENCH_POSTGRES_DSN)")
     return a
 
 
@@ -92,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             "instance_kib": INSTANCE_KIB,
             "idle_seconds": args.idle_seconds,
             "jobs": sorted(jobs),
+            "queue": args.queue,
         },
         "machine": machine_info(peers),
         "errors": [],

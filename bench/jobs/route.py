@@ -6,12 +6,14 @@ import argparse
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from intu import (
     INTU_SCP_AET,
     IntuFailure,
+    drop_postgres_schema,
     start_intu_serve,
     stop_intu_serve,
     validate_project,
@@ -27,7 +29,10 @@ def route_once(
     kind: str, args: argparse.Namespace, base: Path, study: Study, peers: Peers, run_no: int
 ) -> dict[str, Any]:
     """One end-to-end run: storescu -> [intu | Orthanc | nothing] -> storescp --fork. Seconds
-    from storescu's start to storescp's output folder holding N files."""
+    from storescu's start to storescp's output folder holding N files.
+
+    ``intu_pg1``/``intu_pg2``: one or two intu serve nodes on one PostgreSQL queue (a fresh schema,
+    dropped after); with two, two storescu processes send half of the study each, one per node."""
     n = args.count
     tag = f"route-{kind}-{run_no}"
     scp = storescp(base, tag, ignore=False)
@@ -36,8 +41,22 @@ def route_once(
     box: Peer | None = None
     middle: subprocess.Popen[bytes] | None = None  # intu serve or Orthanc
     res: dict[str, Any] = {}
+    nodes: list[IntuProcess] = []
+    schema = f"bench_{uuid.uuid4().hex[:12]}" if kind.startswith("intu_pg") else None
     try:
-        if kind == "direct":
+        if kind.startswith("intu_pg"):
+            assert schema is not None
+            ports = [free_port() for _ in range(int(kind[-1]))]
+            for i, port in enumerate(ports):
+                project = write_route_project(
+                    base / tag / f"node-{i}", port, scp_port, postgres=(args.postgres_dsn, schema)
+                )
+                if run_no == 0 and i == 0:
+                    validate_project(project)
+                nodes.append(start_intu_serve(project, port, base / f"{tag}-intu-{i}"))
+            serve, middle = nodes[0], nodes[0].proc
+            target_port, called = ports[0], INTU_SCP_AET
+        elif kind == "direct":
             target_port, called = scp_port, SCP_AET
         elif kind == "intu":
             target_port, called = free_port(), INTU_SCP_AET
@@ -52,8 +71,23 @@ def route_once(
         else:
             raise ValueError(kind)
         cpu0 = proc_cpu_seconds(middle.pid) if middle else 0.0
+        pids = [node.proc.pid for node in nodes if node.proc is not None]
+        cpu0_nodes = [proc_cpu_seconds(pid) for pid in pids]
         t0 = time.perf_counter()
-        scu_cmd = peers.storescu_cmd(target_port, called, study.folder)
+        if len(nodes) > 1:  # half of the study to each node, at the same time
+            files = sorted(study.folder.iterdir())
+            extra_scus = [
+                start_process(
+                    peers.storescu_cmd(port, called, *files[i :: len(nodes)]),
+                    base / f"{tag}-storescu-{i}.log",
+                    peer_env(),
+                )
+                for i, port in enumerate(ports[1:], start=1)
+            ]
+            scu_cmd = peers.storescu_cmd(target_port, called, *files[0 :: len(nodes)])
+        else:
+            extra_scus = []
+            scu_cmd = peers.storescu_cmd(target_port, called, study.folder)
         scu = start_process(scu_cmd, base / f"{tag}-storescu.log", peer_env())
         # Generous: a stalled association (intu's timeout_ms defaults to 60 s) that recovers
         # shows as a slow run whose instances all arrived, not as a lost instance.
@@ -65,6 +99,8 @@ def route_once(
             orthanc_rest_forward(http_port, timeout)
         t_end = wait_count(out_dir, n, timeout, alive=middle, stall=90.0)
         scu_rc = scu.wait(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+        for extra in extra_scus:
+            scu_rc = scu_rc or extra.wait(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
         if t_end is None:
             # Give stragglers a moment, then report what arrived.
             res["arrived"] = count_files(out_dir)
@@ -76,7 +112,13 @@ def route_once(
         if t_end is not None:
             time.sleep(0.05)  # let the last file be completed before listing names
             res.update(study.received_uids_check(out_dir))
-        if middle is not None:
+        if len(nodes) > 1:  # every node's CPU
+            res["middle_cpu_seconds"] = sum(
+                proc_cpu_seconds(pid) - c for pid, c in zip(pids, cpu0_nodes, strict=True)
+            )
+            res["middle_peak_rss_mib"] = max(proc_status_kib(pid, "VmHWM") / 1024 for pid in pids)
+            res["middle_alive"] = all(node.proc is not None and node.proc.poll() is None for node in nodes)
+        elif middle is not None:
             res["middle_cpu_seconds"] = proc_cpu_seconds(middle.pid) - cpu0
             res["middle_peak_rss_mib"] = proc_status_kib(middle.pid, "VmHWM") / 1024
             res["middle_alive"] = middle.poll() is None
@@ -85,7 +127,14 @@ def route_once(
             if serve is not None:
                 res["intu_log_tail"] = tail(serve.logs[-1], 20)
     finally:
+        for node in nodes[1:]:
+            stop_intu_serve(node)
         stop_intu_serve(serve)
+        if schema is not None and res.get("seconds") is not None:
+            drop_postgres_schema(args.postgres_dsn, schema)
+        elif schema is not None:  # incomplete: keep the queue to see where the missing ones are
+            res["postgres_schema_kept"] = schema
+            log(f"route {kind}: kept the queue's schema {schema} for inspection (drop it when done)")
         if box is not None:
             box.stop()
         scp.stop()
@@ -99,6 +148,9 @@ def run(args: argparse.Namespace, base: Path, study: Study, peers: Peers, result
     """storescu -> [nothing | intu serve | Orthanc with Lua | Orthanc with REST] -> storescp."""
     n = args.count
     out: dict[str, Any] = {"runs": {"direct": [], "intu": [], "orthanc": [], "orthanc_rest": []}, "notes": []}
+    postgres = args.queue == "postgres"
+    if postgres:
+        out["runs"].update({"intu_pg1": [], "intu_pg2": []})
     results["route"] = out
     if not peers.dcmtk:
         out["skipped"] = "DCMTK storescu/storescp not found at /usr/bin: route job skipped"
@@ -109,7 +161,13 @@ def run(args: argparse.Namespace, base: Path, study: Study, peers: Peers, result
         "associations (intu: 2 queue threads) are not serialised; seconds = storescu start to the "
         "N-th file in storescp's output folder"
     )
-    kinds = ["direct", "intu"]
+    kinds = ["direct", "intu", *(["intu_pg1", "intu_pg2"] if postgres else [])]
+    if postgres:
+        out["notes"].append(
+            "intu_pg1/intu_pg2: one or two intu serve nodes on one PostgreSQL queue (a fresh schema per"
+            " run, on this machine's server); with two nodes two storescu processes send half the study"
+            " each, one per node; cpu s is the nodes' total (PostgreSQL's own CPU is not counted)"
+        )
     if peers.orthanc:
         kinds += ["orthanc", "orthanc_rest"]
         out["notes"].append(
@@ -134,8 +192,8 @@ def run(args: argparse.Namespace, base: Path, study: Study, peers: Peers, result
             except IntuFailure:
                 raise
             except Exception as exc:  # a peer did not start: record and go on
-                if kind == "intu":
-                    raise IntuFailure(f"route intu: {exc!r}") from exc
+                if kind.startswith("intu"):
+                    raise IntuFailure(f"route {kind}: {exc!r}") from exc
                 res = {"error": repr(exc), "seconds": None}
             out["runs"][kind].append(res)
             secs = res.get("seconds")
@@ -150,14 +208,14 @@ def run(args: argparse.Namespace, base: Path, study: Study, peers: Peers, result
                 + (f"{secs:.2f} s ({n / secs:.0f} img/s)" if secs else f"INCOMPLETE {res.get('arrived')}/{n}")
                 + extra
             )
-            if kind == "intu" and (
+            if kind.startswith("intu") and (
                 secs is None
                 or not res.get("middle_alive", True)
                 or not res.get("uids_match")
                 or res.get("storescu_exit") != 0
             ):
                 failure = (
-                    f"route intu run {r + 1}: {res.get('arrived')}/{n} instances arrived at storescp, "
+                    f"route {kind} run {r + 1}: {res.get('arrived')}/{n} instances arrived at storescp, "
                     f"UIDs match={res.get('uids_match')} (missing {res.get('missing')}), storescu exit "
                     f"{res.get('storescu_exit')}, intu alive={res.get('middle_alive')}\n"
                     f"{res.get('log_tail', '')}\n{res.get('intu_log_tail', '')}"
@@ -184,5 +242,10 @@ def run(args: argparse.Namespace, base: Path, study: Study, peers: Peers, result
         "intu_over_direct_seconds": i / d if i and d else None,
         "orthanc_over_direct_seconds": o / d if o and d else None,
     }
+    for k in ("intu_pg1", "intu_pg2"):
+        pg = med.get(k, {}).get("seconds")
+        if k in med:
+            med[k]["cpu_seconds"] = median([x.get("middle_cpu_seconds") for x in out["runs"][k]])
+            out["ratios"][f"{k}_over_intu_seconds"] = pg / i if pg and i else None
     if failure:
         raise IntuFailure(failure)
