@@ -411,6 +411,12 @@ def pending_dimse_command(assoc: Any) -> bool:
     return message is not None and getattr(message, "context_id", None) is not None
 
 
+def dimse_message_in_progress(assoc: Any) -> bool:
+    """Part of a DIMSE message (command fragments, or a command and part of its dataset) arrived and
+    the message is not complete yet: the DIMSE provider's ``message``, reset to None when complete."""
+    return getattr(assoc.dimse, "message", None) is not None
+
+
 def guard_dimse_receive(assoc: Any, check: Any) -> None:
     """Call ``check(assoc, primitive)`` before the DIMSE provider decodes each P-DATA primitive;
     an exception it raises makes the DUL thread abort the association (pynetdicom's handling of

@@ -74,11 +74,7 @@ PROPOSE = {
 
 # Files allowed to arrive differently through intu than directly, each with the reason. Keep it
 # short and honest: every entry is a known gap, not a feature.
-KNOWN_DIFFERENCES: dict[str, str] = {
-    # A bug of the receive-side pixel data check (scp/checks.py, issue 10 item 8): it expects 3
-    # bytes per pixel for YBR_FULL_422, which has 2 (4:2:2). Remove this entry once it is fixed.
-    "SC_ybr_full_422_uncompressed.dcm": "refused by the receive check (0xC000), see scp/checks.py",
-}
+KNOWN_DIFFERENCES: dict[str, str] = {}
 KNOWN_DIFFERENCES_UNCOMPRESSED: dict[str, str] = {}
 
 

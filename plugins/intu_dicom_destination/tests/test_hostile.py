@@ -6,10 +6,12 @@ generous bounds, never a timing assertion)."""
 from __future__ import annotations
 
 import logging
+import os
 import random
 import socket
 import ssl
 import struct
+import subprocess
 import threading
 import time
 import zlib
@@ -100,9 +102,15 @@ def intu(tmp_path: Path, engine: Engine) -> Iterator[Callable[..., DicomSource]]
 @pytest.fixture(params=["intu", "dcmtk"])
 def target(request: Any, tmp_path: Path, intu: Callable[..., DicomSource]) -> Iterator[Target]:
     """Each attack against intu (defaults, but short deadlines so the test sees them act) and
-    against DCMTK storescp --fork."""
+    against DCMTK storescp --fork. The attacker and the legitimate sender share 127.0.0.1 here, so
+    max_pending_per_peer is raised (it is tested with two addresses below)."""
     if request.param == "intu":
-        src = intu(association_request_timeout_ms=2000, read_timeout_ms=2000, write_timeout_ms=2000)
+        src = intu(
+            association_request_timeout_ms=2000,
+            read_timeout_ms=2000,
+            write_timeout_ms=2000,
+            max_pending_per_peer=64,
+        )
         yield Target("intu", src.port, "INTU_SCP", src)
         return
     peer = start_storescp(tmp_path / "dcmtk", "DCMTK_SCP", ignore=True)
@@ -165,7 +173,7 @@ def test_partial_association_requests(target: Target, count: int) -> None:
 
 
 def test_silent_connections_are_closed_at_the_request_deadline(intu: Callable[..., DicomSource]) -> None:
-    src = intu(association_request_timeout_ms=1000)
+    src = intu(association_request_timeout_ms=1000, max_pending_per_peer=64)  # one address here
     socks = [_connect(src.port) for _ in range(10)]
     try:
         assert served_within(src.port, SERVED_WITHIN)
@@ -378,6 +386,89 @@ def test_association_limits_count_associations_per_peer_and_in_total(
         assert served_within(src.port, SERVED_WITHIN)
     finally:
         _close_all(held + probes)
+
+
+def test_a_flood_from_one_address_does_not_close_another_senders_connections(
+    tmp_path: Path, intu: Callable[..., DicomSource], engine: Engine
+) -> None:
+    """40 partial A-ASSOCIATE-RQs from 127.0.0.2: past max_pending_per_peer (8) its connections are
+    closed at once, so a slow sender from 127.0.0.1 keeps its connection (``max_connections`` 16
+    would otherwise have made room by closing it, the oldest) and DCMTK storescu is served."""
+    src = intu(max_connections=16, max_associations=4, association_request_timeout_ms=30_000)
+    rq = associate_rq()
+    slow = _connect(src.port)
+    slow.sendall(rq[:10])  # a legitimate but slow sender: the rest of its request comes later
+    time.sleep(0.2)  # the oldest connection
+    flood = []
+    for n in range(40):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.2", 0))
+        s.settimeout(10)
+        s.connect(("127.0.0.1", src.port))
+        try:
+            s.sendall(rq[: 10 + n % 50])
+        except OSError:  # already closed by intu
+            pass
+        flood.append(s)
+    try:
+        # Beyond the cap they are closed at once (polled with a generous bound, never timed).
+        closed: set[int] = set()
+        deadline = time.monotonic() + 20
+        while len(closed) < 40 - 8 and time.monotonic() < deadline:
+            closed |= {n for n, s in enumerate(flood) if n not in closed and closed_within(s, 0.05)}
+        assert len(closed) >= 40 - 8, len(closed)
+        ct = _ct(size_kib=256)
+        path = tmp_path / "ct.dcm"
+        ct.save_as(path, enforce_file_format=True)
+        done = subprocess.run(
+            ["/usr/bin/storescu", "-aec", "INTU_SCP", "127.0.0.1", str(src.port), str(path)],
+            env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        stored = [m.metadata["dicom"]["sop_instance_uid"] for m in engine.messages]
+        assert stored == [ct.SOPInstanceUID]
+        slow.sendall(rq[10:])  # the slow sender's connection was kept: its association is accepted
+        answer = read_pdu(slow)
+        assert answer is not None and answer[0] == 0x02, answer
+    finally:
+        _close_all([slow, *flood])
+
+
+def test_dimse_message_dripped_past_dimse_timeout_is_aborted(
+    intu: Callable[..., DicomSource], engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each PDU arrives well within read_timeout_ms, but the C-STORE as a whole never ends: aborted
+    at dimse_timeout_ms, the partial file deleted, nothing delivered, one log line; meanwhile a
+    legitimate sender is served."""
+    caplog.set_level(logging.INFO, logger="test.hostile")
+    src = intu(read_timeout_ms=2000, dimse_timeout_ms=3000)
+    ds = _ct(size_kib=64)
+    data = encode_dataset(ds, implicit=False)
+    s = associate(src.port, contexts=((CTImageStorage, (ExplicitVRLittleEndian,)),))
+    try:
+        s.sendall(p_data(1, 0x03, store_command(CTImageStorage, ds.SOPInstanceUID)))
+        closed = False
+        started = time.monotonic()
+        for n in range(60):  # one 100-byte fragment every 0.5 s: 6,400 s for the whole dataset
+            try:
+                s.sendall(p_data(1, 0x00, data[n * 100 : (n + 1) * 100]))
+            except OSError:
+                closed = True
+                break
+            if n == 2:
+                assert served_within(src.port, SERVED_WITHIN)  # while the drip goes on
+            if closed_within(s, 0.5):
+                closed = True
+                break
+        assert closed, "the dripping association was never closed"
+        assert time.monotonic() - started >= 2  # the deadline, not the first fragment, ended it
+        assert _connections_gone(src)
+        assert engine.messages == [] and list(src.incoming_dir.iterdir()) == []
+        lines = [r.getMessage() for r in caplog.records if "DIMSE message not complete" in r.getMessage()]
+        assert len(lines) == 1, lines
+    finally:
+        s.close()
+    assert served_within(src.port, SERVED_WITHIN)
 
 
 def test_p_data_pdu_larger_than_negotiated_aborts(intu: Callable[..., DicomSource], engine: Engine) -> None:

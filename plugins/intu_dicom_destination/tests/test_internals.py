@@ -306,6 +306,32 @@ def test_guard_dimse_receive_sees_every_p_data_and_can_abort(probe_server: Any) 
             assoc.abort()
 
 
+def test_dimse_message_in_progress_spans_the_fragments_of_one_message(probe_server: Any) -> None:
+    from intu_dicom_destination.testing.attacks import associate, c_echo_rq, p_data, read_pdu
+    from pynetdicom import evt
+
+    server, probe = probe_server
+    seen: list[bool] = []
+    server.bind(
+        evt.EVT_REQUESTED,
+        lambda event: internals.guard_dimse_receive(
+            event.assoc, lambda assoc, primitive: seen.append(internals.dimse_message_in_progress(assoc))
+        ),
+    )
+    sock = associate(server.server_address[1], called="ECHO_SCP")
+    try:
+        command = c_echo_rq()[12:]  # the command set of the one PDU's one PDV
+        sock.sendall(p_data(1, 0x01, command[:20]) + p_data(1, 0x03, command[20:]))
+        answer = read_pdu(sock)
+        assert answer is not None and answer[0] == 0x04  # the C-ECHO-RSP: the message was whole
+        assert _wait(
+            lambda: (acceptor := probe.assocs[0]) and not internals.dimse_message_in_progress(acceptor)
+        )
+        assert seen == [False, True]  # before the first fragment: none; before the second: in progress
+    finally:
+        sock.close()
+
+
 def test_contain_dul_errors_catches_what_escapes_the_dul_thread(probe_server: Any) -> None:
     server, probe = probe_server
     from pynetdicom import evt

@@ -389,7 +389,8 @@ def test_settings_defaults(tmp_path: Path) -> None:
     assert settings.max_associations_per_peer == 16 and settings.max_connections == 256
     assert settings.association_request_timeout_ms == 30_000  # PS3.8's ARTIM, as DCMTK
     assert settings.read_timeout_ms == 30_000 and settings.write_timeout_ms == 30_000
-    assert settings.idle_timeout_ms == 300_000
+    assert settings.idle_timeout_ms == 300_000 and settings.dimse_timeout_ms == 600_000
+    assert settings.max_pending_per_peer == 8
     assert settings.max_instance_mb == 4096 and settings.max_inflate_ratio == 200
     assert settings.sop_classes == ()  # any storage SOP class
     assert settings.stop_grace_ms == 10_000
@@ -411,6 +412,8 @@ def test_settings_full(tmp_path: Path, pki: dict[str, Path]) -> None:
         "read_timeout_ms": 6000,
         "write_timeout_ms": 7000,
         "idle_timeout_ms": 8000,
+        "dimse_timeout_ms": 9000,
+        "max_pending_per_peer": 3,
         "max_instance_mb": 0,
         "max_inflate_ratio": 50,
         "sop_classes": ["1.2.840.10008.5.1.4.1.1.6", "1.2.3.4.5"],
@@ -430,6 +433,7 @@ def test_settings_full(tmp_path: Path, pki: dict[str, Path]) -> None:
     assert (settings.max_associations_per_peer, settings.max_connections) == (2, 8)
     assert (settings.association_request_timeout_ms, settings.read_timeout_ms) == (5000, 6000)
     assert (settings.write_timeout_ms, settings.idle_timeout_ms) == (7000, 8000)
+    assert (settings.dimse_timeout_ms, settings.max_pending_per_peer) == (9000, 3)
     assert (settings.max_instance_mb, settings.max_inflate_ratio) == (0, 50)
     assert settings.sop_classes == ("1.2.840.10008.5.1.4.1.1.6", "1.2.3.4.5")
     assert settings.tls == _tls_settings(pki, require_client_cert=True)
@@ -466,6 +470,11 @@ def test_settings_full(tmp_path: Path, pki: dict[str, Path]) -> None:
             "association_request_timeout_ms: expected an integer",
         ),
         ({"port": 104, "read_timeout_ms": -1}, "read_timeout_ms: expected an integer"),
+        (
+            {"port": 104, "dimse_timeout_ms": 1000},
+            "dimse_timeout_ms: expected at least read_timeout_ms (30000), found 1000",
+        ),
+        ({"port": 104, "max_pending_per_peer": 0}, "max_pending_per_peer: expected an integer from 1"),
         ({"port": 104, "max_inflate_ratio": 1}, "max_inflate_ratio: expected an integer from 2"),
         ({"port": 104, "sop_classes": ["CT"]}, "sop_classes: expected SOP Class UIDs such as"),
         ({"port": 104, "ae_titel": "X"}, "unknown key 'ae_titel' (did you mean 'ae_title'?)"),

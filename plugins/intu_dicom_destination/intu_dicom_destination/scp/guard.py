@@ -6,15 +6,18 @@ counts TCP connections, and the TLS handshake runs on the accept loop. ``Guarded
 pynetdicom's association machinery but owns what happens around it:
 
 * every connection is registered with a ``Guard``; a supervisor thread closes those that miss a
-  deadline (``association_request_timeout_ms`` from connect to a complete A-ASSOCIATE-RQ) and
-  reaps ended ones (their partial receive files deleted, one log line if something went wrong);
+  deadline (``association_request_timeout_ms`` from connect to a complete A-ASSOCIATE-RQ,
+  ``dimse_timeout_ms`` from the first PDU of a DIMSE message to its last fragment) and reaps
+  ended ones (their partial receive files deleted, one log line if something went wrong);
 * each socket read and write runs under a deadline (``read_timeout_ms`` for a whole PDU once its
   first byte arrived, ``write_timeout_ms`` for each PDU we send) and a PDU longer than allowed
   (the negotiated maximum for P-DATA) aborts the association before its body is read;
 * the TLS handshake runs in the connection's own thread, under the request deadline;
 * limits are counted here: ``max_associations`` over admitted associations (not connections),
-  ``max_associations_per_peer`` per IP address, ``max_connections`` over open sockets (when full,
-  the oldest connection still without an association is closed to make room);
+  ``max_associations_per_peer`` per IP address, ``max_pending_per_peer`` connections without an
+  association per IP address (beyond it, new ones from that address are closed at once),
+  ``max_connections`` over open sockets (when full, the oldest connection still without an
+  association, from the address with the most of them, is closed to make room);
 * pynetdicom's own WARNING/ERROR lines and tracebacks for these connections are dropped and become
   one rate-limited intu line per connection that ended badly.
 
@@ -66,6 +69,9 @@ class Connection:
         self.requested = False  # a complete A-ASSOCIATE-RQ arrived
         self.peer_closed = False  # the peer closed its side (end of stream)
         self.admitted = False  # counted against the association limits
+        self.closing = False  # we closed it (a deadline, a limit): no longer counted as pending
+        self.pdu_started = 0.0  # when the header of the PDU being read arrived
+        self.message_started = 0.0  # when the first PDU of the DIMSE message in progress arrived
         self.reason: str | None = None  # why it ended badly: the first cause wins
         self.temp_files: list[Path] = []
 
@@ -99,6 +105,7 @@ class Connection:
         """End the connection now: shut its socket (a blocked read or write returns at once) and, if
         no association was requested, end pynetdicom's wait for one."""
         self.note(reason)
+        self.closing = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -124,7 +131,8 @@ class _GuardedIO:
         """pynetdicom reads a PDU as recv(6) (its header), then recv(length): the header starts the
         PDU's deadline and its length is checked before the body is read."""
         if not self._in_body:
-            self._deadline = time.monotonic() + self._read_timeout
+            self._conn.pdu_started = time.monotonic()
+            self._deadline = self._conn.pdu_started + self._read_timeout
             data = self._read(nr_bytes)
             if nr_bytes == 6 and len(data) == 6:
                 pdu_type, _, length = struct.unpack(">BBL", data)
@@ -283,18 +291,40 @@ class Guard:
 
     # -- connections ---------------------------------------------------------------------------
     def open(self, sock: socket.socket, address: tuple[str, int]) -> Connection | None:
-        """Register a new connection; None when ``max_connections`` are open and none of them can
-        make room (all have requested an association)."""
+        """Register a new connection; None (it is closed at once) when its address already has
+        ``max_pending_per_peer`` connections without an association, or when ``max_connections``
+        are open and none of them can make room (all have requested an association)."""
+        s = self.settings
+        host = str(address[0])
         with self._lock:
-            if len(self._connections) >= self.settings.max_connections:
-                waiting = [c for c in self._connections.values() if not c.requested]
+            waiting = [
+                c for c in self._connections.values() if not (c.requested or c.closing or c.peer_closed)
+            ]
+            if sum(1 for c in waiting if c.address[0] == host) >= s.max_pending_per_peer:
+                refused = (
+                    f"DICOM source {self.name}: connection from {host}:{address[1]} closed: "
+                    f"max_pending_per_peer ({s.max_pending_per_peer}) connections from {host} "
+                    "without an association"
+                )
+            elif len(self._connections) >= s.max_connections:
                 if not waiting:
                     return None
-                oldest = min(waiting, key=lambda c: c.opened)
-                oldest.close(f"closed to make room: {self.settings.max_connections} connections open")
-            conn = Connection(sock, (str(address[0]), int(address[1])))
-            self._connections[id(sock)] = conn
-            return conn
+                # Room is made at the expense of the address with the most waiting connections:
+                # a flood from one address does not close another sender's connection.
+                per_host: dict[str, int] = {}
+                for c in waiting:
+                    per_host[c.address[0]] = per_host.get(c.address[0], 0) + 1
+                oldest = min(waiting, key=lambda c: (-per_host[c.address[0]], c.opened))
+                oldest.close(f"closed to make room: {s.max_connections} connections open")
+                refused = None
+            else:
+                refused = None
+            if refused is None:
+                conn = Connection(sock, (host, int(address[1])))
+                self._connections[id(sock)] = conn
+                return conn
+        self._log.warning(refused)
+        return None
 
     def replace_socket(self, conn: Connection, old: socket.socket, new: socket.socket) -> None:
         """The TLS-wrapped socket replaces the plain one."""
@@ -324,7 +354,13 @@ class Guard:
         # Instance attributes shadow AssociationSocket's methods: only this socket is guarded.
         setattr(asock, "recv", io.recv)  # noqa: B010
         setattr(asock, "send", io.send)  # noqa: B010
-        internals.guard_dimse_receive(assoc, _check_p_data)
+
+        def check(assoc: Any, primitive: Any) -> None:
+            if not internals.dimse_message_in_progress(assoc):  # this PDU starts a DIMSE message
+                conn.message_started = conn.pdu_started or time.monotonic()
+            _check_p_data(assoc, primitive)
+
+        internals.guard_dimse_receive(assoc, check)
         internals.contain_dul_errors(assoc, lambda exc: conn.close(f"protocol error: {exc}"))
 
     def receive_file_opened(self, path: str) -> None:
@@ -380,9 +416,10 @@ class Guard:
                 self.logger.exception("DICOM source %s: connection supervisor error", self.name)
 
     def sweep(self) -> None:
-        """Enforce the request deadline and reap ended connections (also called at stop)."""
+        """Enforce the request and DIMSE deadlines and reap ended connections (also called at stop)."""
         now = time.monotonic()
         request_timeout = self.settings.association_request_timeout_ms / 1000
+        dimse_timeout = self.settings.dimse_timeout_ms / 1000
         for conn in self.open_connections():
             assoc = conn.assoc
             if assoc is None:  # TLS handshake in progress: its own socket timeout bounds it
@@ -397,6 +434,10 @@ class Guard:
                 elif conn.peer_closed or (assoc.dul.ident is not None and not assoc.dul.is_alive()):
                     # (a DUL thread not started yet is not alive either: only an ended one counts)
                     internals.end_unassociated(assoc)  # closed before a request: free its thread now
+            elif not conn.closing and internals.dimse_message_in_progress(assoc):
+                # (read before message_started: a message that began meanwhile has set it already)
+                if now - conn.message_started > dimse_timeout:
+                    conn.close(f"DIMSE message not complete within {dimse_timeout:g} s")
             if assoc.ident is not None and not assoc.is_alive():  # started, and ended
                 self._finish(conn)
 
@@ -410,12 +451,12 @@ class Guard:
                 conn.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        for path in conn.temp_files:  # before it is forgotten: a connection gone is cleaned up
+            path.unlink(missing_ok=True)  # pynetdicom removes a handled one; the rest are partial
         with self._lock:
             self._connections.pop(id(conn.sock), None)
         with _by_assoc_lock:
             _by_assoc.pop(conn.assoc, None)
-        for path in conn.temp_files:
-            path.unlink(missing_ok=True)  # pynetdicom removes a handled one; the rest are partial
         self._report(conn)
 
     def _report(self, conn: Connection) -> None:
@@ -490,7 +531,9 @@ class GuardedServer(ThreadedAssociationServer):
         conn = self.guard.open(request, client_address)
         if conn is None:
             self.shutdown_request(request)
-            self.guard.logger.debug("DICOM source %s: connection refused, all slots taken", self.guard.name)
+            self.guard.logger.debug(
+                "DICOM source %s: connection refused (connection limits)", self.guard.name
+            )
             return
         if self.tls is not None:
             plain = request

@@ -14,10 +14,15 @@ source:
     max_associations_per_peer: 16  # ... from one IP address (default 16)
     max_connections: 256         # open TCP connections; when full the oldest not yet associated
                                  # one is closed to make room (default 256)
+    max_pending_per_peer: 8      # connections from one IP address not associated yet; beyond
+                                 # this, new ones from that address are closed at once (default 8)
     association_request_timeout_ms: 30000  # connect (and TLS handshake) to a complete A-ASSOCIATE-RQ
     read_timeout_ms: 30000       # a PDU, once started, must arrive whole within this
     write_timeout_ms: 30000      # a peer must take each PDU we send within this
     idle_timeout_ms: 300000      # an association with no PDU for this long is aborted
+    dimse_timeout_ms: 600000     # one DIMSE message (command + dataset), once started, must
+                                 # arrive whole within this (default 10 min; size it for the
+                                 # largest instance at the slowest sender's rate)
     max_instance_mb: 4096        # largest instance accepted, checked while receiving (0 = no limit)
     max_inflate_ratio: 200       # a deflated instance may inflate to at most this x its size
     sop_classes: []              # storage SOP classes accepted; empty = any, retired and private too
@@ -46,12 +51,18 @@ DEFAULT_MAX_ASSOCIATIONS = 64
 DEFAULT_MAX_ASSOCIATIONS_PER_PEER = 16
 # Bounds the threads a connection flood can create; the oldest unassociated one makes room.
 DEFAULT_MAX_CONNECTIONS = 256
+# Connections from one address still without an association: a flood from one address is refused
+# at once instead of taking the slots (and the "make room" closes) of every other sender.
+DEFAULT_MAX_PENDING_PER_PEER = 8
 # PS3.8's ARTIM timer, DCMTK's default: a connection has this long to send its A-ASSOCIATE-RQ.
 DEFAULT_ASSOCIATION_REQUEST_TIMEOUT_MS = 30_000
 DEFAULT_READ_TIMEOUT_MS = 30_000
 DEFAULT_WRITE_TIMEOUT_MS = 30_000
 # Modalities keep an association open between series; 5 minutes frees a forgotten one.
 DEFAULT_IDLE_TIMEOUT_MS = 300_000
+# From the first PDU of a DIMSE message to its last fragment: a peer dripping one PDU just under
+# read_timeout_ms cannot hold an association for ever. 10 minutes is 1 GiB at under 2 MB/s.
+DEFAULT_DIMSE_TIMEOUT_MS = 600_000
 DEFAULT_MAX_INSTANCE_MB = 4096
 # Real images deflate 2-20x (mostly-zero masks more); a deflate bomb is 1000x.
 DEFAULT_MAX_INFLATE_RATIO = 200
@@ -75,10 +86,12 @@ class SourceSettings:
     max_associations: int = DEFAULT_MAX_ASSOCIATIONS
     max_associations_per_peer: int = DEFAULT_MAX_ASSOCIATIONS_PER_PEER
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_pending_per_peer: int = DEFAULT_MAX_PENDING_PER_PEER
     association_request_timeout_ms: int = DEFAULT_ASSOCIATION_REQUEST_TIMEOUT_MS
     read_timeout_ms: int = DEFAULT_READ_TIMEOUT_MS
     write_timeout_ms: int = DEFAULT_WRITE_TIMEOUT_MS
     idle_timeout_ms: int = DEFAULT_IDLE_TIMEOUT_MS
+    dimse_timeout_ms: int = DEFAULT_DIMSE_TIMEOUT_MS
     max_instance_mb: int = DEFAULT_MAX_INSTANCE_MB
     max_inflate_ratio: int = DEFAULT_MAX_INFLATE_RATIO
     sop_classes: tuple[str, ...] = ()
@@ -107,6 +120,7 @@ def parse_source_settings(section: Section) -> SourceSettings:
     max_assocs = section.int("max_associations", DEFAULT_MAX_ASSOCIATIONS, min=1, max=1000)
     per_peer = section.int("max_associations_per_peer", DEFAULT_MAX_ASSOCIATIONS_PER_PEER, min=1, max=1000)
     max_conns = section.int("max_connections", DEFAULT_MAX_CONNECTIONS, min=2, max=10_000)
+    max_pending = section.int("max_pending_per_peer", DEFAULT_MAX_PENDING_PER_PEER, min=1, max=10_000)
     if max_assocs and max_conns and max_conns < max_assocs:
         section.error(
             "max_connections", f"expected at least max_associations ({max_assocs}), found {max_conns}"
@@ -117,6 +131,11 @@ def parse_source_settings(section: Section) -> SourceSettings:
     read_timeout = section.int("read_timeout_ms", DEFAULT_READ_TIMEOUT_MS, min=100, max=3_600_000)
     write_timeout = section.int("write_timeout_ms", DEFAULT_WRITE_TIMEOUT_MS, min=100, max=3_600_000)
     idle_timeout = section.int("idle_timeout_ms", DEFAULT_IDLE_TIMEOUT_MS, min=100, max=86_400_000)
+    dimse_timeout = section.int("dimse_timeout_ms", DEFAULT_DIMSE_TIMEOUT_MS, min=100, max=86_400_000)
+    if read_timeout and dimse_timeout and dimse_timeout < read_timeout:
+        section.error(
+            "dimse_timeout_ms", f"expected at least read_timeout_ms ({read_timeout}), found {dimse_timeout}"
+        )
     max_instance = section.int("max_instance_mb", DEFAULT_MAX_INSTANCE_MB, min=0)
     inflate_ratio = section.int("max_inflate_ratio", DEFAULT_MAX_INFLATE_RATIO, min=2, max=100_000)
     sop_classes = section.str_list("sop_classes", [])
@@ -138,10 +157,12 @@ def parse_source_settings(section: Section) -> SourceSettings:
         max_associations=max_assocs or DEFAULT_MAX_ASSOCIATIONS,
         max_associations_per_peer=per_peer or DEFAULT_MAX_ASSOCIATIONS_PER_PEER,
         max_connections=max_conns or DEFAULT_MAX_CONNECTIONS,
+        max_pending_per_peer=max_pending or DEFAULT_MAX_PENDING_PER_PEER,
         association_request_timeout_ms=request_timeout or DEFAULT_ASSOCIATION_REQUEST_TIMEOUT_MS,
         read_timeout_ms=read_timeout or DEFAULT_READ_TIMEOUT_MS,
         write_timeout_ms=write_timeout or DEFAULT_WRITE_TIMEOUT_MS,
         idle_timeout_ms=idle_timeout or DEFAULT_IDLE_TIMEOUT_MS,
+        dimse_timeout_ms=dimse_timeout or DEFAULT_DIMSE_TIMEOUT_MS,
         max_instance_mb=DEFAULT_MAX_INSTANCE_MB if max_instance is None else max_instance,
         max_inflate_ratio=inflate_ratio or DEFAULT_MAX_INFLATE_RATIO,
         sop_classes=tuple(u.strip() for u in sop_classes or ()),
