@@ -278,7 +278,18 @@ class QueueBackend:
             )
 
 
+def retryable_states(state: EntryState | None) -> tuple[str, ...]:
+    """The entry states ``QueueStore.retry`` takes for ``state`` (None: dead and errored), for
+    backends; any other state is a ``ValueError``."""
+    if state is None:
+        return (EntryState.DEAD.value, EntryState.ERRORED.value)
+    if state not in (EntryState.DEAD, EntryState.ERRORED):
+        raise ValueError(f"only dead or errored entries can be retried, not {state.value}")
+    return (state.value,)
+
+
 __all__ = [
+    "retryable_states",
     "CHANNEL_QUEUE_PREFIX",
     "DEFAULT_LEASE_S",
     "Entry",

@@ -78,6 +78,7 @@ from intu_core.queue import (
     QueueStats,
     QueueUnavailable,
     attempt_record,
+    retryable_states,
 )
 from intu_core.queue.reserve import RESERVE_NAME, DiskReserve
 
@@ -546,7 +547,7 @@ class SqliteQueueStore:
         queue (``channel:<name>``) go back to pending too: the running engine runs them through
         the channel again (its replay worker), so a fixed transformer gets a second chance.
         """
-        states = _retryable_states(state)
+        states = retryable_states(state)
         where, params = _filters(queue, entry_ids, states)
         now = time.time()
         note = json.dumps(attempt_record(now, "retried by an operator"))
@@ -878,14 +879,6 @@ def _count(conn: sqlite3.Connection, queue: str, name: str, n: int) -> None:
         " ON CONFLICT (queue, name) DO UPDATE SET value = value + excluded.value",
         (queue, name, n),
     )
-
-
-def _retryable_states(state: EntryState | None) -> tuple[str, ...]:
-    if state is None:
-        return (_DEAD, _ERRORED)
-    if state not in (EntryState.DEAD, EntryState.ERRORED):
-        raise ValueError(f"only dead or errored entries can be retried, not {state.value}")
-    return (state.value,)
 
 
 def _filters(

@@ -36,6 +36,7 @@ from intu_core.queue import (
     EntryState,
     QueueStats,
     attempt_record,
+    retryable_states,
 )
 from intu_postgres_queue.connections import Connection, Connections
 from intu_postgres_queue.schema import prepare, quote_identifier
@@ -336,7 +337,7 @@ class PostgresQueueStore:
         ``state`` narrows to dead or to errored entries (None: both); errored entries of a
         channel's queue are run through the channel again by a running engine's replay worker.
         """
-        where, params = _filters(queue, entry_ids, _retryable_states(state))
+        where, params = _filters(queue, entry_ids, retryable_states(state))
         now = time.time()
         note = Jsonb([attempt_record(now, "retried by an operator")])
 
@@ -520,14 +521,6 @@ def _unlink(paths: Iterable[str]) -> int:
         except OSError as exc:
             log.warning("could not delete %s, which no queued message needs any more: %s", path, exc)
     return deleted
-
-
-def _retryable_states(state: EntryState | None) -> tuple[str, ...]:
-    if state is None:
-        return (_DEAD, _ERRORED)
-    if state not in (EntryState.DEAD, EntryState.ERRORED):
-        raise ValueError(f"only dead or errored entries can be retried, not {state.value}")
-    return (state.value,)
 
 
 def _filters(
