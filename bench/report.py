@@ -84,7 +84,9 @@ def render(results: dict[str, Any]) -> str:
             )
     lines.append("")
     route = results.get("route", {"skipped": "not run (--only)"})
-    lines.append("ROUTE (storescu -> X -> storescp --fork; seconds from storescu start to N-th file; median)")
+    senders = route.get("senders", 1)
+    by = f"{senders} storescu at once" if senders > 1 else "storescu"
+    lines.append(f"ROUTE ({by} -> X -> storescp --fork; seconds from the start to the N-th file; median)")
     if route.get("skipped"):
         lines.append(f"  skipped: {route['skipped']}")
     elif route.get("median"):

@@ -2,11 +2,13 @@
 
 from intu_core.config import REQUIRED, ConfigError, Problem, Problems, Section
 from intu_core.fsutil import fsync_dir, fsync_path, write_durably
+from intu_core.history import Event, EventKind, Journey, MessageQuery, MessageRecord
 from intu_core.hookspecs import hookimpl
 from intu_core.message import (
     Acceptance,
     AcceptanceStatus,
     Context,
+    DeferredBody,
     Message,
     SendResult,
     SendStatus,
@@ -31,11 +33,17 @@ __all__ = [
     "AcceptanceStatus",
     "ConfigError",
     "Context",
+    "DeferredBody",
     "DeliverCallback",
     "Destination",
     "DestinationType",
     "EngineView",
+    "Event",
+    "EventKind",
+    "Journey",
     "Message",
+    "MessageQuery",
+    "MessageRecord",
     "MetricsRegistry",
     "Problem",
     "Problems",

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import click
 
-from intu_core import __version__
+from intu_core import __version__, logfmt
 from intu_core.config.problems import ConfigError
 from intu_core.config.project import Project, find_config, load_project
 from intu_core.plugins import PluginRegistry, load_plugins
 
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+LOG_FORMAT = logfmt.TEXT_FORMAT
 
 
 class CliState:
@@ -115,10 +114,18 @@ class IntuGroup(click.Group):
     envvar="INTU_LOG_LEVEL",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
 )
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    envvar="INTU_LOG_FORMAT",
+    type=click.Choice(list(logfmt.FORMATS), case_sensitive=False),
+    help="text for people; json (one object per line) for log shippers.",
+)
 @click.pass_context
-def cli(ctx: click.Context, directory: str | None, log_level: str) -> None:
+def cli(ctx: click.Context, directory: str | None, log_level: str, log_format: str) -> None:
     """intu: a small integration engine. Channels live as files in git; plugins add types."""
-    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    logfmt.configure(log_level, log_format.lower())
     state = ctx.ensure_object(CliState)
     if directory is not None:
         state.directory = Path(directory)
@@ -204,6 +211,15 @@ def _add_queue_commands() -> None:
 
 
 _add_queue_commands()
+
+
+def _add_history_commands() -> None:
+    from intu_core.history_commands import messages
+
+    cli.add_command(messages)
+
+
+_add_history_commands()
 
 
 def main() -> None:

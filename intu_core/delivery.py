@@ -6,6 +6,8 @@ from the store, call ``destination.send``, and record what happened::
     SUCCESS / WARNING      → complete (WARNING logged with its detail)
     RETRYABLE              → retry_later after the policy's delay, or dead letter at max_attempts
                              or once the entry is older than max_age_ms
+    RETRYABLE, unreachable → (``SendResult.unreachable``: the peer, not the message) the destination
+                             is down: the entry waits for one probe (``intu_core.reachability``)
     PERMANENT              → dead letter with the reason
     send raised            → a bug in the destination: logged with the traceback, treated as RETRYABLE
 
@@ -17,6 +19,13 @@ Idle workers block on a ``threading.Condition`` until ``notify()`` (called after
 until the next retry is due. They also look at the queue every ``idle_recheck_s`` seconds (5 s by
 default), so that entries put back by ``intu queue retry`` from another process are picked up
 without a restart; that is a handful of cheap queries a minute, not a polling loop.
+
+A destination found unreachable is *down*: one line says so, one summary line every 5 minutes,
+one line when it is up again. Its workers claim nothing meanwhile; one of them probes it
+(``Destination.probe``, or a send of the next entry) after 1 s, then 2, 4, 8 and every 15 s, and
+a successful probe resumes delivery at once: the entries that failed while it was down are due
+already, so a PACS that comes back gets its backlog within seconds, not after each entry's
+back-off (up to ``max_delay_ms``). Attempts made while down are recorded like any other.
 
 Configuration (under a destination in ``intu.yaml``)::
 
@@ -45,9 +54,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from intu_core.logfmt import message_fields
 from intu_core.message import SendResult, SendStatus
 from intu_core.metrics import EngineMetrics, MetricsRegistry
-from intu_core.queue import DEFAULT_LEASE_S, Entry, QueueStore
+from intu_core.queue import CHANNEL_QUEUE_PREFIX, DEFAULT_LEASE_S, Entry, QueueStore
+from intu_core.reachability import PROBE_FIRST_S, PROBE_MAX_S, SUMMARY_EVERY_S, DestinationState, Reachability
 from intu_core.types import Destination
 
 if TYPE_CHECKING:
@@ -172,6 +183,9 @@ class DeliveryWorkers:
         idle_recheck_s: float = 5.0,
         lease_s: float = DEFAULT_LEASE_S,
         metrics: EngineMetrics | None = None,
+        probe_first_s: float = PROBE_FIRST_S,
+        probe_max_s: float = PROBE_MAX_S,
+        down_summary_s: float = SUMMARY_EVERY_S,
     ) -> None:
         if threads < 1:
             raise ValueError("threads must be at least 1")
@@ -198,6 +212,22 @@ class DeliveryWorkers:
         self._dead = metrics.dead_lettered.labels(queue_name)
         self._raised = metrics.send_errors.labels(queue_name)
         self._send_seconds = metrics.delivery_seconds.labels(queue_name)
+        # A channel's replay queue is no destination that could be down.
+        up_gauge = (
+            None if queue_name.startswith(CHANNEL_QUEUE_PREFIX) else metrics.destination_up.labels(queue_name)
+        )
+        self._probe = getattr(destination, "probe", None)  # optional: without it, the next entry probes
+        self._probing = False  # one worker probes while the destination is down; the others wait
+        self.reachability = Reachability(
+            queue_name,
+            self.log,
+            lambda: self.store.size(self.queue),
+            up_gauge,
+            probe_first_s=probe_first_s,
+            probe_max_s=probe_max_s,
+            summary_every_s=down_summary_s,
+            probe_name="a probe" if self._probe is not None else "a send of the next entry",
+        )
 
     # -- control ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -238,6 +268,10 @@ class DeliveryWorkers:
             thread.join(remaining)
         return not any(t.is_alive() for t in self._workers)
 
+    def state(self) -> DestinationState:
+        """Whether the destination is up, since when, why not, and how many entries wait for it."""
+        return self.reachability.state()
+
     @property
     def counts(self) -> dict[str, int]:
         """What happened to this queue's sends so far: delivered (warnings included), warnings,
@@ -258,6 +292,9 @@ class DeliveryWorkers:
                 if self._stopping:
                     return
                 generation = self._generation
+            if self.reachability.is_down():
+                self._wait_while_down()
+                continue
             try:
                 entry = self.store.claim(self.queue, lease_s=self.lease_s)
             except Exception:
@@ -267,13 +304,75 @@ class DeliveryWorkers:
             if entry is None:
                 self._wait_for_work(generation)
                 continue
+            self._deliver_held(entry)
+
+    def _deliver_held(self, entry: Entry) -> None:
+        with self._held_lock:
+            self._held.add(entry.id)
+        try:
+            self._deliver(entry)
+        finally:
             with self._held_lock:
-                self._held.add(entry.id)
-            try:
-                self._deliver(entry)
-            finally:
-                with self._held_lock:
-                    self._held.discard(entry.id)
+                self._held.discard(entry.id)
+
+    # -- while the destination is down -----------------------------------------------------
+    def _wait_while_down(self) -> None:
+        """One worker probes (after the probe's delay); the others wait for what it finds."""
+        with self._cond:
+            if self._stopping:
+                return
+            if self._probing:
+                self._cond.wait(self.idle_recheck_s)
+                return
+            self._probing = True
+        try:
+            if not self._stop_event.wait(self.reachability.next_probe_delay()):
+                self._probe_once()
+        finally:
+            with self._cond:
+                self._probing = False
+                self._cond.notify_all()  # resumed (or not): every worker looks again
+
+    def _probe_once(self) -> None:
+        if not self.reachability.is_down():
+            return  # a send still in flight when it went down came back delivered
+        if self._probe is None:
+            self._probe_by_sending()
+            return
+        try:
+            result = self._probe()
+            if not isinstance(result, SendResult):
+                raise TypeError(f"probe() returned {type(result).__name__}, not a SendResult")
+        except Exception:
+            self.log.exception(
+                "queue %s: the destination's probe raised (a bug in the destination); probing by"
+                " sending the next entry from now on",
+                self.queue,
+            )
+            self._probe = None
+            return
+        if result.delivered:
+            self.reachability.probe_succeeded(result)
+        elif result.status is SendStatus.RETRYABLE:
+            self.reachability.probe_failed(result)
+        else:
+            # The probe cannot tell (e.g. a PACS that refuses C-ECHO): let the entries tell.
+            self.log.warning(
+                "queue %s: the destination's probe failed for good (%s); probing by sending the next"
+                " entry from now on",
+                self.queue,
+                _why(result),
+            )
+            self._probe = None
+
+    def _probe_by_sending(self) -> None:
+        try:
+            entry = self.store.claim(self.queue, lease_s=self.lease_s)
+        except Exception:
+            self.log.exception("queue %s: could not read the queue", self.queue)
+            return
+        if entry is not None:  # none: nothing waits, and the next enqueued entry will probe
+            self._deliver_held(entry)
 
     def _renew_leases(self) -> None:
         # Wakes three times per lease (every 100 s by default): nothing measurable when idle.
@@ -331,9 +430,11 @@ class DeliveryWorkers:
                 self.queue,
                 message.id,
                 exc_info=True,
+                extra=message_fields(message),
             )
             result = SendResult.retryable(f"destination raised {type(exc).__name__}: {exc}")
         self._send_seconds.observe(time.monotonic() - started)
+        self.reachability.observe(result)
         # Recording can fail for a while (the disk is full, another process holds the database
         # longer than the busy timeout). Giving up would leave the entry in flight, never claimed
         # again until a restart: keep trying, once a second, until it is recorded or we stop.
@@ -354,6 +455,7 @@ class DeliveryWorkers:
                         self.queue,
                         message.id,
                         entry.id,
+                        extra=message_fields(message),
                     )
             if self._stop_event.wait(1.0):  # not the condition: its notify() is meant for idle workers
                 return
@@ -366,16 +468,44 @@ class DeliveryWorkers:
             self._delivered.inc()
             if status is SendStatus.WARNING:
                 self._warnings.inc()
-                self.log.warning("queue %s: %s delivered with a warning: %s", self.queue, what, _why(result))
+                self.log.warning(
+                    "queue %s: %s delivered with a warning: %s",
+                    self.queue,
+                    what,
+                    _why(result),
+                    extra=message_fields(entry.message),
+                )
             elif attempt > 1:
-                self.log.info("queue %s: %s delivered after %d attempts", self.queue, what, attempt)
-            else:
-                self.log.debug("queue %s: %s delivered", self.queue, what)
+                self.log.info(
+                    "queue %s: %s delivered after %d attempts",
+                    self.queue,
+                    what,
+                    attempt,
+                    extra=message_fields(entry.message),
+                )
+            elif self.log.isEnabledFor(logging.DEBUG):  # the hot path: not even the fields
+                self.log.debug(
+                    "queue %s: %s delivered", self.queue, what, extra=message_fields(entry.message)
+                )
         elif (
             status is SendStatus.RETRYABLE
             and not self.policy.exhausted(attempt)
             and not self.policy.too_old(age := time.time() - entry.created_at)
         ):
+            if result.peer_unreachable:
+                # The destination is down: the entry waits for the probe, not for a back-off of
+                # its own, and the outage is logged once (``Reachability``), not per entry.
+                self.store.retry_later(entry.id, result, time.time())
+                self._retried.inc()
+                self.log.debug(
+                    "queue %s: %s not delivered (attempt %d): %s; waiting for the destination",
+                    self.queue,
+                    what,
+                    attempt,
+                    _why(result),
+                    extra=message_fields(entry.message),
+                )
+                return
             delay = self.policy.delay_s(attempt)
             self.store.retry_later(entry.id, result, time.time() + delay)
             self._retried.inc()
@@ -386,6 +516,7 @@ class DeliveryWorkers:
                 attempt,
                 _why(result),
                 delay,
+                extra=message_fields(entry.message),
             )
         else:
             reason = "failed permanently" if status is SendStatus.PERMANENT else "gave up"
@@ -409,6 +540,7 @@ class DeliveryWorkers:
                 attempt,
                 _why(result),
                 entry.id,
+                extra=message_fields(entry.message),
             )
 
 

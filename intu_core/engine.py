@@ -23,6 +23,8 @@ from typing import Any
 from intu_core.config.problems import ConfigError, Problem
 from intu_core.config.project import ChannelConfig, DestinationConfig, Project
 from intu_core.delivery import DeliveryWorkers, RetryPolicy
+from intu_core.history import Event, EventKind
+from intu_core.logfmt import message_fields
 from intu_core.message import Acceptance, AcceptanceStatus, Message, SendResult, SendStatus
 from intu_core.metrics import CounterChild, EngineMetrics, MetricsRegistry
 from intu_core.pipeline import Pipeline
@@ -41,6 +43,10 @@ _DB_FILES = ("", "-wal", "-shm")
 
 # A replayed message that meets a full queue waits and tries again; one that errors again is kept
 # as a dead letter of the channel's queue, with the new traceback.
+#: How often the message history of finished messages past ``history.retention_days`` is deleted
+#: (and once at start): a batch of deletes, never a long hold on the queue's write lock.
+HISTORY_SWEEP_S = 600.0
+
 REPLAY_POLICY = RetryPolicy(max_attempts=0, backoff="exponential", initial_delay_ms=1000, max_delay_ms=60_000)
 
 
@@ -73,6 +79,7 @@ class Engine:
         self.view = EngineView(self)  # what plugins see of the engine (the lifecycle hooks)
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
+        self._history_sweep: threading.Thread | None = None
         self._started = False
 
     # -- building --------------------------------------------------------------------------
@@ -219,6 +226,11 @@ class Engine:
                 "sent again (at-least-once: the receiver may see them twice)",
                 recovered,
             )
+        if self.project.history.retention_days > 0:
+            self._history_sweep = threading.Thread(
+                target=self._expire_history, name="intu-history-sweep", daemon=True
+            )
+            self._history_sweep.start()
         for name, config in self.destination_configs.items():
             if config.queue.enabled:
                 workers = DeliveryWorkers(
@@ -269,6 +281,23 @@ class Engine:
                 moved.count, self.project.data_dir / SPOOL, moved.folder,
             )  # fmt: skip
 
+    def _expire_history(self) -> None:
+        """At start and every ``HISTORY_SWEEP_S``: forget finished messages last updated longer
+        ago than ``history.retention_days``."""
+        assert self.store is not None
+        while True:
+            try:
+                expired = self.store.expire_history(time.time() - self.project.history.retention_s)
+                if expired:
+                    log.info(
+                        "message history: forgot %d finished message(s) older than %g day(s)",
+                        expired, self.project.history.retention_days,
+                    )  # fmt: skip
+            except Exception:  # the queue unavailable for now: the next sweep tries again
+                log.warning("message history: could not delete expired records", exc_info=True)
+            if self._stopped.wait(HISTORY_SWEEP_S):
+                return
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let in-flight associations and sends finish, then close everything."""
         with self._stop_lock:
@@ -298,6 +327,8 @@ class Engine:
                 log.exception("destination %s did not close cleanly", name)
         for thread in stopping:
             thread.join()  # in-flight hand-overs still use the store
+        if self._history_sweep is not None:
+            self._history_sweep.join(max(0.0, deadline - time.monotonic()))
         if self.store is not None:
             self.store.close()
         if getattr(self, "_lock_file", None) is not None:
@@ -346,10 +377,11 @@ class Engine:
         name = channel.config.name
         if not message.channel:
             message = message.replace(channel=name)
+        fields = message_fields(message)  # every line about it names its accession and study
         try:
             busy = self._busy_reason(channel)
             if busy:
-                channel.logger.warning("message %s refused: %s", message.id, busy)
+                channel.logger.warning("message %s refused: %s", message.id, busy, extra=fields)
                 self._release(message.files)
                 return Acceptance(AcceptanceStatus.BUSY, busy)
             result = channel.pipeline.run(message)
@@ -365,23 +397,28 @@ class Engine:
                     message.id,
                     err.stage,
                     err.summary,
+                    extra=fields,
                 )
                 return Acceptance(AcceptanceStatus.FAILED, f"{err.stage}: {err.summary}")
             if result.filtered:
-                channel.logger.info("message %s filtered", message.id)
+                by = ", ".join(f"{d}: {stage}" if d else stage for d, stage in result.dropped) or "a stage"
+                # Recorded, with its identifiers, before its files go: a filter bug never
+                # discards images unseen (intu messages --status filtered lists them).
+                self.store.record(message, [Event(message.id, time.time(), EventKind.FILTERED, detail=by)])
+                channel.logger.info("message %s filtered by %s", message.id, by, extra=fields)
                 self._release(message.files)
                 return Acceptance(AcceptanceStatus.FILTERED)
-            return self._hand_over(channel, message, result.outputs)
+            return self._hand_over(channel, message, result.outputs, result.dropped)
         except OSError as exc:  # the disk filled up under us: refuse, keep nothing half-written
-            channel.logger.error("message %s refused: cannot store it: %s", message.id, exc)
+            channel.logger.error("message %s refused: cannot store it: %s", message.id, exc, extra=fields)
             self._release(message.files)
             return Acceptance(AcceptanceStatus.BUSY, f"cannot store the message: {exc.strerror or exc}")
         except QueueUnavailable as exc:  # e.g. SQLite's "database or disk is full" (no OSError)
-            channel.logger.error("message %s refused: cannot queue it: %s", message.id, exc)
+            channel.logger.error("message %s refused: cannot queue it: %s", message.id, exc, extra=fields)
             self._release(message.files)
             return Acceptance(AcceptanceStatus.BUSY, f"cannot queue the message: {exc}")
         except Exception as exc:
-            channel.logger.exception("message %s: unexpected error", message.id)
+            channel.logger.exception("message %s: unexpected error", message.id, extra=fields)
             self._release(message.files)
             return Acceptance(AcceptanceStatus.FAILED, f"internal error: {exc}")
 
@@ -400,9 +437,20 @@ class Engine:
         return ""
 
     def _hand_over(
-        self, channel: ChannelRuntime, message: Message, outputs: list[tuple[str, Message]]
+        self,
+        channel: ChannelRuntime,
+        message: Message,
+        outputs: list[tuple[str, Message]],
+        dropped: list[tuple[str, str]] | None = None,
     ) -> Acceptance:
         assert self.store is not None
+        # History written with the enqueue (one commit): destinations a filter dropped it for,
+        # sends to unqueued destinations.
+        events = [
+            Event(message.id, time.time(), EventKind.FILTERED, dest, detail=stage)
+            for dest, stage in dropped or ()
+            if dest
+        ]
         # A transformer may build a new Message instead of msg.replace(...): its body still refers
         # to the received files, so every output keeps them.
         outputs = [(d, _with_files(m, message.files)) for d, m in outputs]
@@ -412,9 +460,18 @@ class Engine:
         # nothing has been queued yet that would then go out twice.
         for dest_name, out in direct:
             result = self.destinations[dest_name].send(out)
+            kind = EventKind.SENT if result.delivered else EventKind.ATTEMPT
+            events.append(Event.of_send(message.id, time.time(), kind, dest_name, result, 1))
             if not result.delivered:
+                self._record(message, events)
                 self._release({f for _, m in outputs for f in m.files})
-                channel.logger.error("message %s: %s failed: %s", message.id, dest_name, result.detail)
+                channel.logger.error(
+                    "message %s: %s failed: %s",
+                    message.id,
+                    dest_name,
+                    result.detail,
+                    extra=message_fields(message),
+                )
                 status = (
                     AcceptanceStatus.BUSY
                     if result.status is SendStatus.RETRYABLE
@@ -422,15 +479,35 @@ class Engine:
                 )
                 return Acceptance(status, f"{dest_name}: {result.detail}")
         if queued:
-            self.store.enqueue(queued)
+            self.store.enqueue(queued, origin=message, events=events)
             for dest_name, _ in queued:
                 self.workers[dest_name].notify()
+        else:
+            self.store.record(message, events)
         self._release({f for _, m in outputs for f in m.files})
-        summary = ", ".join(
-            f"{d} ({'queued' if self.destination_configs[d].queue.enabled else 'sent'})" for d, _ in outputs
-        )
-        channel.logger.info("message %s accepted: %s", message.id, summary)
+        # DEBUG: one INFO line per instance would be the hot path's largest cost and flood the log.
+        if channel.logger.isEnabledFor(logging.DEBUG):
+            configs = self.destination_configs
+            how = {True: "queued", False: "sent"}
+            summary = ", ".join(f"{d} ({how[configs[d].queue.enabled]})" for d, _ in outputs)
+            channel.logger.debug(
+                "message %s accepted: %s", message.id, summary, extra=message_fields(message)
+            )
         return Acceptance(AcceptanceStatus.ACCEPTED)
+
+    def _record(self, message: Message, events: list[Event]) -> None:
+        """Record what happened to a message the sender is told to send again (best effort: the
+        answer it gets does not depend on it)."""
+        assert self.store is not None
+        try:
+            self.store.record(message, events)
+        except QueueUnavailable as exc:
+            log.warning(
+                "could not record the history of message %s: %s",
+                message.id,
+                exc,
+                extra=message_fields(message),
+            )
 
     def _release(self, files: Iterable[str]) -> None:
         """Delete message files that no queued or kept entry refers to."""
@@ -455,6 +532,11 @@ class Engine:
     @property
     def data_dir(self) -> Path:
         return self.project.data_dir
+
+    @property
+    def stopping(self) -> bool:
+        """True from the start of ``stop`` on (the engine takes nothing new)."""
+        return self._stopped.is_set()
 
 
 class ChannelReplay:

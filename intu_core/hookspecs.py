@@ -67,6 +67,11 @@ def intu_destination_types() -> Sequence[DestinationType]:
 
     A name may be provided by one plugin only: a second one is reported as an error naming both
     distributions, and neither is used. Since 0.1.
+
+    The destination's ``send`` returns ``SendResult.unreachable(detail)`` when its peer cannot be
+    reached at all; the destination is then down and, if it has the optional ``probe()``, that is
+    what its workers call until the peer answers (see ``intu_core.types.Destination``). ``probe``
+    since 0.1 (issue 13).
     """
 
 

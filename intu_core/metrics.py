@@ -119,11 +119,17 @@ class CounterChild:
 class GaugeChild:
     """A gauge for one combination of label values: a value that goes up and down."""
 
-    __slots__ = ("_lock", "_value")
+    __slots__ = ("_function", "_lock", "_value")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._value = 0.0
+        self._function: Callable[[], float] | None = None
+
+    def set_function(self, function: Callable[[], float]) -> None:
+        """Read the value from ``function()`` at each ``collect()`` instead (e.g. the associations
+        a pool holds now: a count kept elsewhere, not copied into the gauge at every change)."""
+        self._function = function
 
     def set(self, value: float) -> None:
         """Set the value."""
@@ -141,8 +147,9 @@ class GaugeChild:
 
     @property
     def value(self) -> float:
-        """The current value."""
-        return self._value
+        """The current value (``function()`` when one was given by ``set_function``)."""
+        function = self._function
+        return float(function()) if function is not None else self._value
 
 
 class HistogramChild:
@@ -346,6 +353,7 @@ class EngineMetrics:
     delivery_seconds: Histogram
     bytes_received: Counter
     bytes_sent: Counter
+    destination_up: Gauge
 
     @classmethod
     def register(cls, registry: MetricsRegistry) -> EngineMetrics:
@@ -397,6 +405,11 @@ class EngineMetrics:
             ),
             bytes_sent=registry.counter(
                 "intu_bytes_sent_total", "Bytes destinations sent (counted by the destination).", dest
+            ),
+            destination_up=registry.gauge(
+                "intu_destination_up",
+                "1 while a queued destination is reachable, 0 while it is down (waiting for a probe).",
+                dest,
             ),
         )
 

@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from intu_core.config.project import ChannelConfig
-from intu_core.message import Context, Message
+from intu_core.message import Context, Message, materialize_body
 
 
 class StageError(Exception):
@@ -65,6 +65,7 @@ class Stage:
 
     def run(self, message: Message, ctx: Context) -> Message | None:
         try:
+            materialize_body(message)
             result = self.fn(message, ctx)
         except Exception as exc:
             raise StageError(self.name, f"{type(exc).__name__}: {exc}", traceback.format_exc()) from exc
@@ -94,6 +95,9 @@ class PipelineResult:
 
     outputs: list[tuple[str, Message]] = field(default_factory=list)
     error: StageError | None = None
+    # Which stage dropped the message, as (destination, stage): destination "" for the whole of
+    # it, else the one destination a destination stage dropped it for (the message history).
+    dropped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def filtered(self) -> bool:
@@ -124,17 +128,22 @@ class Pipeline:
             for stage in (self.source_filter, self.transformer):
                 if stage is not None and current is not None:
                     current = stage.run(current, ctx)
+                    if current is None:
+                        return PipelineResult(dropped=[("", stage.name)])
             if current is None:
                 return PipelineResult()
             outputs = []
+            dropped: list[tuple[str, str]] = []
             for dest in self.destinations:
                 dest_ctx = Context(self.logger, self.channel, message.id, dest.name, stage="destination")
                 out: Message | None = current
                 for stage in (dest.filter, dest.transformer):
                     if stage is not None and out is not None:
                         out = stage.run(out, dest_ctx)
+                        if out is None:
+                            dropped.append((dest.name, stage.name))
                 if out is not None:
                     outputs.append((dest.name, out))
-            return PipelineResult(outputs)
+            return PipelineResult(outputs, dropped=dropped)
         except StageError as err:
             return PipelineResult(error=err)

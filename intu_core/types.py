@@ -60,6 +60,14 @@ class Destination(Protocol):
     ``send`` may be called from several threads at once (one per queue worker); it returns a
     ``SendResult`` and never raises for an expected failure (a refused connection, a rejected
     message). ``close`` releases connections; it is called once, at shutdown.
+
+    A destination may also have ``probe() -> SendResult`` (optional, not part of this protocol's
+    check): whether its peer can be reached, without sending a message (the DICOM destination
+    sends a C-ECHO). Once ``send`` returns ``SendResult.unreachable(...)`` the destination is
+    down, and one worker probes until ``probe`` succeeds (``.success()``: delivery resumes at
+    once) instead of every entry backing off; ``.retryable`` means still unreachable, and
+    ``.permanent`` that the probe cannot tell (the next entry's send probes instead, as for a
+    destination without ``probe``). See ``intu_core.reachability``.
     """
 
     def send(self, message: Message) -> SendResult: ...
@@ -77,6 +85,9 @@ class Source(Protocol):
     ``deliver`` returns only once the engine has accepted the message durably (or decided it
     cannot): its ``Acceptance`` is what the source tells its sender. ``stop`` stops accepting new
     work, lets in-flight work finish, and returns.
+
+    A source that listens on a port may also have ``listening() -> bool`` (optional): whether its
+    listener is still bound and accepting, for ``EngineView.ready()`` (``/readyz``).
     """
 
     def start(self, deliver: DeliverCallback) -> None: ...

@@ -8,9 +8,15 @@ object itself stays private to the core. Every call returns a fresh snapshot of 
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from intu_core.history import Journey, MessageQuery, MessageRecord
+from intu_core.operator import Operator
+from intu_core.queue import Entry, EntryState, QueueStore, QueueUnavailable
+from intu_core.reachability import DestinationState
 
 if TYPE_CHECKING:
     from intu_core.engine import Engine
@@ -29,12 +35,15 @@ class ChannelState(enum.Enum):
 
 @dataclass(frozen=True)
 class ChannelView:
-    """One enabled channel: its name, its source's type, its state and the destinations it feeds."""
+    """One enabled channel: its name, its source's type, its state and the destinations it feeds;
+    ``listening``: whether a source that listens on a port has its listener bound and accepting
+    (None for a source that does not listen, or does not say)."""
 
     name: str
     source_type: str
     state: ChannelState
     destinations: tuple[str, ...]
+    listening: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,7 @@ class EngineView:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._created = time.time()  # "up since" of a destination that was never down
 
     @property
     def data_dir(self) -> Path:
@@ -66,6 +76,7 @@ class EngineView:
                 source_type=channel.config.source.type,
                 state=channel.state,
                 destinations=tuple(used.destination.name for used in channel.config.destinations),
+                listening=_listening(channel.source),
             )
             for channel in self._engine.channels
         )
@@ -89,10 +100,78 @@ class EngineView:
         """Every metric's current value (``MetricsRegistry.collect()``)."""
         return self._engine.metrics.collect()
 
+    def entries(
+        self, queue: str | None = None, state: EntryState | None = None, limit: int = 100
+    ) -> list[Entry]:
+        """Queue entries (of ``queue``, in ``state``; oldest first, at most ``limit``), e.g. the
+        dead letters an operator may retry. Raises ``QueueUnavailable`` when the queue cannot be read."""
+        return self._open_store().list_entries(queue, state, limit)
+
+    def entry(self, entry_id: str) -> Entry | None:
+        """The queue entry ``entry_id``, or None when there is none (delivered, purged, unknown)."""
+        return self._open_store().get(entry_id)
+
+    def find_messages(self, query: MessageQuery) -> list[MessageRecord]:
+        """The message history's records matching ``query``, newest first
+        (``intu_core.history``). Raises ``QueueUnavailable`` when the queue cannot be read."""
+        return self._open_store().find_messages(query)
+
+    def journey(self, message_id: str) -> Journey | None:
+        """One message's record, its events and its entries still queued; None when unknown (or
+        forgotten after ``history.retention_days``)."""
+        return self._open_store().journey(message_id)
+
+    def _open_store(self) -> QueueStore:
+        store = self._engine.store
+        if store is None:
+            raise QueueUnavailable("the engine is not running: no queue is open")
+        return store
+
+    def ready(self) -> list[str]:
+        """Why the engine cannot take messages now (empty when it can): a channel whose source is
+        not running or not listening, the queue unreadable or its folder not writable, the disk
+        below ``min_free_disk_mb``. See ``intu_core.readiness``."""
+        from intu_core.readiness import readiness_problems  # it imports this module
+
+        return readiness_problems(self._engine)
+
+    def operator(self) -> Operator:
+        """Retry or purge queue entries (``intu_core.operator.Operator``): the one thing a plugin
+        may change, for an operator who asked (e.g. through an HTTP API behind a token). Raises
+        ``intu_core.queue.QueueUnavailable`` when the engine has no open queue."""
+        engine = self._engine
+        store = self._open_store()
+
+        def wake(queue: str) -> None:
+            workers = engine.workers.get(queue)
+            if workers is not None:
+                workers.notify()
+
+        return Operator(store, wake)
+
+    def destination_states(self) -> dict[str, DestinationState]:
+        """Whether each destination in use is up (``intu_core.reachability.DestinationState``), by
+        name. A queued destination's state is what its delivery workers last found (down from the
+        first unreachable send until a probe or send reaches it again); an unqueued one is always
+        shown up with nothing waiting (its sender is told of each failure). ``waiting`` reads the
+        queue store (-1 when it cannot be read)."""
+        engine = self._engine
+        states: dict[str, DestinationState] = {}
+        for name in sorted(engine.destination_configs):
+            workers = engine.workers.get(name)
+            states[name] = workers.state() if workers is not None else DestinationState(True, self._created)
+        return states
+
     def settings(self, key: str, default: Any = None) -> Any:
         """The parsed top-level block ``key`` of ``intu.yaml`` that a plugin contributes
         (``intu_settings_blocks``), or ``default`` when the project does not have it."""
         return self._engine.project.plugin_settings.get(key, default)
 
 
-__all__ = ["ChannelState", "ChannelView", "DestinationView", "EngineView"]
+def _listening(source: object) -> bool | None:
+    # Optional for a source (``intu_core.types.Source``): one that listens says whether it does.
+    listening = getattr(source, "listening", None)
+    return bool(listening()) if callable(listening) else None
+
+
+__all__ = ["ChannelState", "ChannelView", "DestinationState", "DestinationView", "EngineView"]

@@ -76,3 +76,32 @@ def test_a_view_of_an_engine_not_built_yet_is_empty(tmp_path):
     view = Engine(load_project(project(tmp_path), registry), registry).view
     assert view.channels() == () and view.destinations() == () and view.queue_stats() == []
     assert view.settings("metrics") is None
+
+
+def test_a_channel_says_whether_its_listener_is_bound_when_its_source_listens(tmp_path):
+    from intu_core.testing import ManualSource
+    from intu_core.types import SourceType
+
+    class ListeningSource(ManualSource):
+        """A source with the optional ``listening()`` of a source that listens on a port."""
+
+        bound = True
+
+        def listening(self) -> bool:
+            return self.bound and not self.stopped
+
+    plugin = SimpleNamespace(
+        intu_source_types=hookimpl(
+            lambda: [SourceType("listening", lambda section: section.done(), ListeningSource, "A test.")]
+        ),
+        __name__="listening_source",
+    )
+    write(tmp_path / "intu.yaml", "destinations:\n  audit: {type: log, queue: {enabled: false}}\n")
+    for name, source in (("ears", "listening"), ("hands", "manual")):
+        channel = f"source: {{type: {source}}}\ndestinations: [audit]\n"
+        write(tmp_path / "channels" / name / "channel.yaml", channel)
+    with running_engine(tmp_path, registry_with(manual_source, plugin)) as engine:
+        listening = {c.name: c.listening for c in engine.view.channels()}
+        assert listening == {"ears": True, "hands": None}  # a source without listening(): None
+        ListeningSource.bound = False
+        assert {c.name: c.listening for c in engine.view.channels()}["ears"] is False

@@ -217,3 +217,12 @@ def test_a_runtime_outside_an_engine_has_a_registry_of_its_own(tmp_path):
     runtime = Runtime("x", tmp_path, logging.getLogger("x"))
     runtime.metrics.counter("intu_y_total", "Y.").labels().inc()
     assert runtime.metrics.collect().value("intu_y_total") == 1
+
+
+def test_a_gauge_can_read_its_value_from_a_function_at_each_collect():
+    registry = MetricsRegistry()
+    held = [2]
+    registry.gauge("intu_open", "Open now.", ["pool"]).labels("a").set_function(lambda: held[0])
+    assert registry.collect().value("intu_open", pool="a") == 2
+    held[0] = 0
+    assert registry.collect().value("intu_open", pool="a") == 0

@@ -106,3 +106,36 @@ def test_returning_none_filters(tmp_path):
         result = engine_deliver(engine, "inbound", Message(body={"drop": True}))
     assert result.status is AcceptanceStatus.FILTERED
     assert written(tmp_path / "out") == []
+
+
+class Deferred(dict):
+    """A DeferredBody: gains "full" when materialized, counting how often."""
+
+    calls = 0
+
+    def materialize(self):
+        if "full" not in self:
+            Deferred.calls += 1
+            self["full"] = True
+
+
+def test_a_deferred_body_is_completed_once_before_the_first_stage(tmp_path):
+    Deferred.calls = 0
+    with running_engine(make_project(tmp_path), registry_with(manual_source)) as engine:
+        result = engine_deliver(engine, "inbound", Message(body=Deferred(n=4, copy=True)))
+    assert result.status is AcceptanceStatus.ACCEPTED
+    assert Deferred.calls == 1  # the source's transformer saw it complete; later stages did not redo it
+    (copy,) = written(tmp_path / "copies")
+    assert copy == {"n": 4, "copy": True, "full": True, "seen_by": "inbound", "destination": "copies"}
+
+
+def test_a_deferred_body_that_no_stage_reads_is_kept_as_it_is(tmp_path):
+    write(tmp_path / "intu.yaml", ROOT)
+    channel = "name: plain\nsource: {type: manual}\ndestinations: [archive]\n"
+    write(tmp_path / "channels" / "plain" / "channel.yaml", channel)
+    Deferred.calls = 0
+    with running_engine(tmp_path, registry_with(manual_source)) as engine:
+        result = engine_deliver(engine, "plain", Message(body=Deferred(n=5)))
+    assert result.status is AcceptanceStatus.ACCEPTED
+    assert Deferred.calls == 0
+    assert written(tmp_path / "out") == [{"n": 5}]

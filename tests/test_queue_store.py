@@ -13,8 +13,10 @@ import pytest
 
 from intu_core.config.problems import ConfigError
 from intu_core.config.project import load_project
+from intu_core.history import MessageQuery
 from intu_core.message import AcceptanceStatus, Message, SendResult
 from intu_core.queue import EntryState, QueueDamaged, QueueNotFound, QueueStore, QueueUnavailable
+from intu_core.queue import sqlite as sqlite_backend
 from intu_core.queue.opener import open_queue
 from intu_core.queue.sqlite import DB_NAME, SCHEMA_VERSION, SqliteQueueStore, SqliteSettings
 from intu_core.testing import engine_deliver, manual_source, registry_with, running_engine
@@ -38,7 +40,7 @@ def store(tmp_path: Path):
 def test_it_is_in_wal_mode_with_full_sync(store: SqliteQueueStore) -> None:
     conn = sqlite3.connect(store.path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     conn.close()
     with store._read() as c:
         assert c.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
@@ -196,7 +198,7 @@ def test_a_version_2_database_is_upgraded_to_paths_relative_to_the_data_folder(
 
     store = SqliteQueueStore(data_dir)
     with store._read() as c:
-        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert [tuple(r) for r in c.execute("SELECT path FROM files")] == [("spool/router/a.dcm",)]
         assert c.execute("SELECT files FROM entries").fetchone()[0] == '["spool/router/a.dcm"]'
     [entry] = store.list_entries()
@@ -214,6 +216,82 @@ def test_a_version_2_database_is_upgraded_to_paths_relative_to_the_data_folder(
     assert claimed is not None and store.complete(claimed.id)
     assert not spooled.exists()  # the reference count carried over, under the relative path
     store.close()
+
+
+def write_v3_database(data_dir: Path) -> None:
+    """A queue.db as intu 0.3 left it (no history): a pending entry and a dead letter."""
+    data_dir.mkdir(parents=True)
+    conn = sqlite3.connect(data_dir / DB_NAME)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(V1_SCHEMA)
+    conn.executescript(sqlite_backend._MIGRATIONS[1])
+    conn.execute("INSERT INTO meta VALUES ('node_id', 'v3-node')")
+    now = time.time()
+    for entry_id, state in (("old-pending", "pending"), ("old-dead", "dead")):
+        message = Message(body={"id": entry_id}, id=f"msg-{entry_id}")
+        conn.execute(
+            "INSERT INTO entries (id, queue, state, next_attempt_at, created_at, updated_at, message)"
+            " VALUES (?, 'pacs', ?, ?, ?, ?, ?)",
+            (entry_id, state, now, now, now, json.dumps(message.to_json())),
+        )
+    conn.execute("PRAGMA user_version = 3")
+    conn.commit()
+    conn.close()
+
+
+def test_a_version_3_database_gets_the_history_tables(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    write_v3_database(data_dir)
+    store = SqliteQueueStore(data_dir)
+    with store._read() as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        rows = c.execute("SELECT id, message_id FROM entries ORDER BY seq").fetchall()
+        assert [tuple(r) for r in rows] == [("old-pending", "msg-old-pending"), ("old-dead", "msg-old-dead")]
+    assert store.node_id == "sqlite-v3-node"
+    # Entries queued before the upgrade have no record; they are delivered and retried as before.
+    assert store.journey("msg-old-pending") is None
+    assert store.retry(entry_ids=["old-dead"]) == 1
+    for _ in range(2):
+        claimed = store.claim("pacs")
+        assert claimed is not None and store.complete(claimed.id, SendResult.success())
+    assert store.find_messages(MessageQuery()) == []
+    new = Message(body={}, channel="ch")
+    store.enqueue([("pacs", new)])
+    journey = store.journey(new.id)
+    assert journey is not None and journey.message.status == "queued"
+    store.close()
+
+
+def test_history_searches_use_indexes(store: SqliteQueueStore) -> None:
+    with store._read() as c:
+        plans = {
+            column: " ".join(
+                row[3]
+                for row in c.execute(
+                    f"EXPLAIN QUERY PLAN SELECT id FROM messages WHERE {column} = ?"
+                    " ORDER BY received_at DESC, id LIMIT 100",
+                    ("x",),
+                )
+            )
+            for column in ("accession_number", "patient_id", "study_uid", "sop_instance_uid")
+        }
+        expire = " ".join(
+            row[3]
+            for row in c.execute(
+                "EXPLAIN QUERY PLAN SELECT id FROM messages WHERE received_at < ? AND updated_at < ?"
+                " AND entries = '[]' LIMIT 10",
+                (0.0, 0.0),
+            )
+        )
+        journey = " ".join(
+            row[3]
+            for row in c.execute(
+                "EXPLAIN QUERY PLAN SELECT * FROM events WHERE message_id = ? ORDER BY seq", ("x",)
+            )
+        )
+    assert all(plan.startswith("SEARCH messages USING INDEX") for plan in plans.values()), plans
+    assert "messages_by_received" in expire, expire
+    assert journey.startswith("SEARCH events USING PRIMARY KEY") and "TEMP B-TREE" not in journey, journey
 
 
 def test_a_moved_data_folder_keeps_its_queue_and_files(tmp_path: Path) -> None:

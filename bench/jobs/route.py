@@ -74,17 +74,20 @@ def route_once(
         pids = [node.proc.pid for node in nodes if node.proc is not None]
         cpu0_nodes = [proc_cpu_seconds(pid) for pid in pids]
         t0 = time.perf_counter()
-        if len(nodes) > 1:  # half of the study to each node, at the same time
+        # Senders at the same time, each with its share of the study: one per node with several
+        # nodes, else --senders of them to the one target (modalities sending concurrently).
+        targets = ports if len(nodes) > 1 else [target_port] * max(1, args.senders)
+        if len(targets) > 1:
             files = sorted(study.folder.iterdir())
             extra_scus = [
                 start_process(
-                    peers.storescu_cmd(port, called, *files[i :: len(nodes)]),
+                    peers.storescu_cmd(port, called, *files[i :: len(targets)]),
                     base / f"{tag}-storescu-{i}.log",
                     peer_env(),
                 )
-                for i, port in enumerate(ports[1:], start=1)
+                for i, port in enumerate(targets[1:], start=1)
             ]
-            scu_cmd = peers.storescu_cmd(target_port, called, *files[0 :: len(nodes)])
+            scu_cmd = peers.storescu_cmd(target_port, called, *files[0 :: len(targets)])
         else:
             extra_scus = []
             scu_cmd = peers.storescu_cmd(target_port, called, study.folder)
@@ -95,7 +98,8 @@ def route_once(
         if kind == "orthanc_rest":
             # Receive everything first (storescu ends when Orthanc has stored the last instance),
             # then ask Orthanc to forward the study: POST /modalities/target/store.
-            scu.wait(timeout)
+            for proc in (scu, *extra_scus):
+                proc.wait(timeout)
             orthanc_rest_forward(http_port, timeout)
         t_end = wait_count(out_dir, n, timeout, alive=middle, stall=90.0)
         scu_rc = scu.wait(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
@@ -156,6 +160,12 @@ def run(args: argparse.Namespace, base: Path, study: Study, peers: Peers, result
         out["skipped"] = "DCMTK storescu/storescp not found at /usr/bin: route job skipped"
         log(out["skipped"])
         return
+    out["senders"] = args.senders
+    if args.senders > 1:
+        out["notes"].append(
+            f"{args.senders} storescu processes send at the same time, each a share of the study"
+            " (round robin), to the same middle box (intu_pg2 keeps one sender per node)"
+        )
     out["notes"].append(
         "storescp runs with --fork (one process per association) so that senders using several "
         "associations (intu: 2 queue threads) are not serialised; seconds = storescu start to the "

@@ -18,6 +18,7 @@ from intu_core.config.problems import ConfigError, Problems
 from intu_core.config.section import Section, did_you_mean
 from intu_core.config.yamlfile import line_of, load_yaml, read_dotenv
 from intu_core.delivery import QueueSettings, RetryPolicy, parse_queue, parse_retry
+from intu_core.history import HistorySettings
 from intu_core.plugins import PluginRegistry
 
 CONFIG_FILE = "intu.yaml"
@@ -88,6 +89,8 @@ class Project:
     # The top-level blocks that plugins contribute (intu_settings_blocks), parsed, by key; only
     # those the project has.
     plugin_settings: Mapping[str, Any] = field(default_factory=dict)
+    # The top-level history: block (how long the message history is kept).
+    history: HistorySettings = field(default_factory=HistorySettings)
 
     def destination(self, name: str) -> DestinationConfig:
         try:
@@ -122,6 +125,7 @@ def load_project(path: Path, registry: PluginRegistry, env: Mapping[str, str] | 
     _check_data_dir(top, data_dir)
     min_free = top.int("min_free_disk_mb", 512, min=0)
     queue = _parse_queue(top.section("queue"), registry)
+    history = _parse_history(top.section("history"))
 
     destinations: dict[str, DestinationConfig] = {}
     dest_section = top.section("destinations")
@@ -164,6 +168,7 @@ def load_project(path: Path, registry: PluginRegistry, env: Mapping[str, str] | 
         queue=queue,
         channels=tuple(channels),
         plugin_settings=plugin_settings,
+        history=history,
     )
 
 
@@ -199,6 +204,15 @@ def _parse_queue(section: Section, registry: PluginRegistry) -> QueueConfig:
         section.error(None, f"the {name!r} queue backend failed to parse its settings: {exc!r}")
         settings = None
     return QueueConfig(name, settings)
+
+
+def _parse_history(section: Section) -> HistorySettings:
+    """The top-level ``history:`` block: ``retention_days`` (0: keep the history for ever)."""
+    settings = HistorySettings(
+        retention_days=section.float("retention_days", HistorySettings.retention_days, min=0.0)
+    )
+    section.done()
+    return settings
 
 
 def _parse_plugin_blocks(top: Section, registry: PluginRegistry) -> dict[str, Any]:

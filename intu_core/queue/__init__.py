@@ -31,7 +31,12 @@ open the store with ``intu_core.queue.opener.open_queue``. The embedded default 
 ``intu_core.queue.sqlite`` (one SQLite file in WAL mode under the data directory). A backend
 reports "the queue cannot be read or written right now" (disk full, lock held too long, server
 unreachable) as ``QueueUnavailable``, and a backend's test module runs the contract suite
-``intu_core.testing.queue_contract.QueueContract``. A PostgreSQL backend for several engine
+``intu_core.testing.queue_contract.QueueContract``.
+
+The store also keeps the message history (``intu_core.history``): every method that changes an
+entry records its event (``queued``, ``attempt``, ``delivered``, ``dead``, ``retried``,
+``purged``, ``errored``) in the same transaction, and ``record`` adds the events that change no
+entry (``filtered``, ``sent``). A PostgreSQL backend for several engine
 processes sharing one queue is such a plugin, and nothing else: it would claim with
 ``SELECT ... FOR UPDATE SKIP LOCKED`` and keep the file reference counts in the same transaction.
 """
@@ -45,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from intu_core.history import Event, Journey, MessageQuery, MessageRecord
 from intu_core.message import Message, SendResult
 
 if TYPE_CHECKING:
@@ -156,12 +162,43 @@ class QueueStore(Protocol):
     backend raises ``QueueUnavailable`` when it cannot read or write for now.
     """
 
-    def enqueue(self, items: Sequence[tuple[str, Message]]) -> list[str]:
-        """Add each ``(queue, message)`` as a pending entry, all in one transaction; the new ids."""
+    def enqueue(
+        self,
+        items: Sequence[tuple[str, Message]],
+        *,
+        origin: Message | None = None,
+        events: Sequence[Event] = (),
+    ) -> list[str]:
+        """Add each ``(queue, message)`` as a pending entry, all in one transaction; the new ids.
+
+        History, in the same transaction: a ``queued`` event per entry, in the record of
+        ``origin`` (the message as the source handed it over: its id, channel and
+        ``metadata["history"]``; default: each item's message), created when new; and ``events``
+        (e.g. ``sent`` to an unqueued destination, ``filtered`` by a destination's filter).
+        """
         ...
 
     def record_error(self, message: Message, queue: str, reason: str) -> str:
-        """Keep a message that failed in the pipeline as ``errored`` with ``reason`` (a traceback)."""
+        """Keep a message that failed in the pipeline as ``errored`` with ``reason`` (a traceback);
+        an ``errored`` event in its history."""
+        ...
+
+    def record(self, message: Message, events: Sequence[Event]) -> None:
+        """Create or update ``message``'s history record and add ``events`` (about no entry:
+        ``filtered``, ``sent``, ``attempt`` of an unqueued destination), in one transaction."""
+        ...
+
+    def find_messages(self, query: MessageQuery) -> list[MessageRecord]:
+        """The records matching ``query``, newest received first, at most ``query.limit``."""
+        ...
+
+    def journey(self, message_id: str) -> Journey | None:
+        """The record of ``message_id``, its events and its entries still queued; None if unknown."""
+        ...
+
+    def expire_history(self, older_than: float) -> int:
+        """Delete the records (and events) last updated before ``older_than`` (epoch seconds)
+        whose message has no entry left in the queue; how many."""
         ...
 
     #: The node this store claims for (one per engine process; see the module docstring).

@@ -1,7 +1,7 @@
 """The embedded queue backend (``queue: {backend: sqlite}``, the default): one SQLite database,
 ``<data_dir>/queue.db``, in WAL mode.
 
-Schema (``PRAGMA user_version = 3``)::
+Schema (``PRAGMA user_version = 4``)::
 
     entries(seq INTEGER PRIMARY KEY,        -- enqueue order; ties on next_attempt_at go by seq
             id TEXT UNIQUE, queue TEXT, state TEXT, attempts INTEGER,
@@ -9,11 +9,25 @@ Schema (``PRAGMA user_version = 3``)::
             last_error TEXT, history TEXT,   -- JSON list of the last 50 attempts
             files TEXT,                      -- JSON list of the message's files (distinct; v3: relative)
             message TEXT,                    -- Message.to_json() as JSON (v3: data folder marked)
-            lease_owner TEXT, lease_expires_at REAL)   -- v2: who holds an in-flight entry, until when
+            lease_owner TEXT, lease_expires_at REAL,   -- v2: who holds an in-flight entry, until when
+            message_id TEXT)                 -- v4: the history record it belongs to
     index entries_by_queue(queue, state, next_attempt_at, seq)
     files(path TEXT PRIMARY KEY, refs INTEGER)       -- entries that still need the file (v3: relative)
     counters(queue, name, value)                     -- "delivered", "recovered" per queue
     meta(key, value)                                 -- v2: "node_id"
+    messages(id, channel, received_at, source, patient_id, accession_number, study_uid,
+             sop_instance_uid, identifiers, tags, status, destinations,
+             entries, events, updated_at)    -- v4: history; entries: ids still queued, events: count
+    index messages_by_received, _by_accession, _by_patient, _by_study, _by_sop
+    events(message_id, seq, at, kind, destination, attempt, status, code, detail)  -- v4, WITHOUT ROWID
+
+The history (``intu_core.history``) is written in the transaction of the queue change it
+describes: an enqueue adds its record and its ``received`` and ``queued`` events in the same
+commit, so history costs no fsync of its own. What it costs is pages: measured (WAL frames of
+4 KiB, a message with 40 tags enqueued, claimed and completed), 9.0 per message without the
+history and 21.3 with it. Hence no index that a commit would also touch beyond the searches: the
+record keeps the ids of its queued entries and its event count itself, events are keyed by
+``(message_id, seq)`` without a rowid, and expiry looks through the index on reception time.
 
 Opening a database of an older version upgrades it in place, in one transaction (``_MIGRATIONS``).
 
@@ -66,8 +80,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import quote
 
+from intu_core.history import (
+    Event,
+    EventKind,
+    Journey,
+    MessageQuery,
+    MessageRecord,
+    NewRecord,
+    capped,
+    history_of,
+    next_state,
+)
 from intu_core.message import Message, SendResult
 from intu_core.queue import (
+    CHANNEL_QUEUE_PREFIX,
     DEFAULT_LEASE_S,
     Entry,
     EntryState,
@@ -133,6 +159,7 @@ ALTER TABLE entries ADD COLUMN lease_expires_at REAL;
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """,
     "v3: paths relative to the data folder",  # done by _relative_paths: it depends on where the folder is
+    "v4: message history",  # done by _history_tables: entries.message_id is filled from each message
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -263,6 +290,9 @@ class SqliteQueueStore:
                     if number == 3:
                         _relative_paths(self._conn, self.paths)
                         continue
+                    if number == 4:
+                        _history_tables(self._conn)
+                        continue
                     for statement in step.split(";"):
                         if statement.strip():
                             self._conn.execute(statement)
@@ -307,8 +337,15 @@ class SqliteQueueStore:
             yield self._conn
 
     # -- writing ---------------------------------------------------------------------------
-    def enqueue(self, items: Sequence[tuple[str, Message]]) -> list[str]:
+    def enqueue(
+        self,
+        items: Sequence[tuple[str, Message]],
+        *,
+        origin: Message | None = None,
+        events: Sequence[Event] = (),
+    ) -> list[str]:
         """Add each ``(queue, message)`` as a pending entry in one transaction; durable on return.
+        Its history (``queued`` events, ``events``) goes in the same transaction.
 
         Raises ``TypeError`` when a message is not JSON-serialisable (nothing is stored then).
         """
@@ -316,6 +353,9 @@ class SqliteQueueStore:
         rows: list[tuple[Any, ...]] = []
         refs: list[tuple[str]] = []
         encoded: dict[int, tuple[str, str, list[str]]] = {}
+        history = _History(events)
+        if origin is not None:
+            history.new(origin)
         for queue, message in items:
             key = id(message)
             if key not in encoded:
@@ -323,19 +363,31 @@ class SqliteQueueStore:
                 encoded[key] = (self.paths.mark(_encode_message(message)), json.dumps(files), files)
             text, files_json, files = encoded[key]
             entry_id = uuid.uuid4().hex
-            rows.append((entry_id, queue, _PENDING, now, now, now, files_json, text))
+            message_id = origin.id if origin is not None else history.new(message)
+            rows.append((entry_id, queue, _PENDING, now, now, now, files_json, text, message_id))
             refs.extend((path,) for path in files)
+            history.add(Event(message_id, now, EventKind.QUEUED, queue))
+            history.opens(message_id, entry_id)
         if not rows:
             return []
         self._check_reserve()
         with self._write() as conn:
             conn.executemany(
                 "INSERT INTO entries (id, queue, state, next_attempt_at, created_at, updated_at, files,"
-                " message) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " message, message_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             _add_refs(conn, refs)
+            history.write(conn, now)
         return [row[0] for row in rows]
+
+    def record(self, message: Message, events: Sequence[Event]) -> None:
+        """Create or update ``message``'s history record and add ``events``, in one transaction."""
+        history = _History(events)
+        history.new(message)
+        now = time.time()
+        with self._write() as conn:
+            history.write(conn, now)
 
     def record_error(self, message: Message, queue: str, reason: str) -> str:
         """Keep a message the pipeline failed on as ``errored`` with ``reason``; it holds its files."""
@@ -344,14 +396,31 @@ class SqliteQueueStore:
         entry_id = uuid.uuid4().hex
         history = json.dumps([attempt_record(now, reason)])
         text = self.paths.mark(_encode_message(message))
+        events = _History([Event(message.id, now, EventKind.ERRORED, queue, detail=capped(reason))])
+        events.new(message)
+        events.opens(message.id, entry_id)
         self._check_reserve()
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO entries (id, queue, state, next_attempt_at, created_at, updated_at,"
-                " last_error, history, files, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (entry_id, queue, _ERRORED, now, now, now, reason, history, json.dumps(files), text),
+                " last_error, history, files, message, message_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry_id,
+                    queue,
+                    _ERRORED,
+                    now,
+                    now,
+                    now,
+                    reason,
+                    history,
+                    json.dumps(files),
+                    text,
+                    message.id,
+                ),
             )
             _add_refs(conn, [(path,) for path in files])
+            events.write(conn, now)
         return entry_id
 
     @_may_use_reserve
@@ -412,16 +481,30 @@ class SqliteQueueStore:
     @_may_use_reserve
     def complete(self, entry_id: str, result: SendResult | None = None) -> bool:
         """Delivered: delete the entry, count it, and delete files no other entry needs."""
+        now = time.time()
         with self._write() as conn:
             row = conn.execute(
                 f"DELETE FROM entries WHERE id = ? AND state = '{_IN_FLIGHT}' AND lease_owner = ?"
-                " RETURNING queue, files",
+                " RETURNING queue, files, message_id, attempts",
                 (entry_id, self.node_id),
             ).fetchone()
             if row is None:
                 return False
             _count(conn, row["queue"], "delivered", 1)
             unused = _release(conn, [json.loads(row["files"])])
+            if row["message_id"]:
+                history = _History()
+                history.closes(row["message_id"], entry_id)
+                if not row["queue"].startswith(CHANNEL_QUEUE_PREFIX):
+                    # A channel's replayed entry is not a delivery: its run through the channel
+                    # is recorded by what the channel did with it (queued, filtered).
+                    history.add(
+                        Event.of_send(
+                            row["message_id"], now, EventKind.DELIVERED, row["queue"],
+                            result or SendResult.success(), row["attempts"] + 1,
+                        )
+                    )  # fmt: skip
+                history.write(conn, now)
         self._unlink(unused)
         if self._reserve is not None and self._reserve.released:
             self._reserve.ensure()  # only once twice its size is free again
@@ -453,12 +536,17 @@ class SqliteQueueStore:
             # An in-flight entry is settled by the node holding it: after its lease expired and
             # another node took it, a late result of the first send must not undo the second.
             row = conn.execute(
-                f"SELECT history, next_attempt_at FROM entries WHERE id = ? AND state IN ({marks})"
-                f" AND (state != '{_IN_FLIGHT}' OR lease_owner = ?)",
+                "SELECT history, next_attempt_at, queue, message_id, attempts FROM entries"
+                f" WHERE id = ? AND state IN ({marks}) AND (state != '{_IN_FLIGHT}' OR lease_owner = ?)",
                 (entry_id, *from_states, self.node_id),
             ).fetchone()
             if row is None:
                 return False
+            if row["message_id"]:
+                kind = EventKind.ATTEMPT if state == _PENDING else EventKind.DEAD
+                attempt = row["attempts"] + 1 if tried else None
+                event = Event.of_send(row["message_id"], now, kind, row["queue"], result, attempt)
+                _History([event]).write(conn, now)
             history = json.loads(row["history"])
             history.append(record)
             conn.execute(
@@ -552,7 +640,9 @@ class SqliteQueueStore:
         now = time.time()
         note = json.dumps(attempt_record(now, "retried by an operator"))
         with self._write() as conn:
-            rows = conn.execute(f"SELECT id, queue, state FROM entries WHERE {where}", params).fetchall()
+            rows = conn.execute(
+                f"SELECT id, queue, state, message_id FROM entries WHERE {where}", params
+            ).fetchall()
             ids = [r["id"] for r in rows]
             if ids:
                 conn.execute(
@@ -561,6 +651,7 @@ class SqliteQueueStore:
                     " WHERE id IN (SELECT value FROM json_each(?))",
                     (now, now, note, json.dumps(ids)),
                 )
+                _operator_events(conn, rows, EventKind.RETRIED, "retried by an operator", now)
         return len(ids)
 
     @_may_use_reserve
@@ -578,9 +669,13 @@ class SqliteQueueStore:
             raise ValueError("in-flight entries cannot be purged; wait until they are settled")
         states = (state.value,) if state is not None else (_PENDING, _DEAD, _ERRORED)
         where, params = _filters(queue, entry_ids, states)
+        now = time.time()
         with self._write() as conn:
-            rows = conn.execute(f"DELETE FROM entries WHERE {where} RETURNING files", params).fetchall()
+            rows = conn.execute(
+                f"DELETE FROM entries WHERE {where} RETURNING id, files, queue, message_id", params
+            ).fetchall()
             unused = _release(conn, [json.loads(r["files"]) for r in rows])
+            _operator_events(conn, rows, EventKind.PURGED, "purged by an operator", now)
         self._unlink(unused)
         return len(rows)
 
@@ -647,6 +742,78 @@ class SqliteQueueStore:
                 f"SELECT {_COLUMNS} FROM entries WHERE {where} ORDER BY seq LIMIT ?", (*params, limit)
             ).fetchall()
         return [self._entry(row) for row in rows]
+
+    # -- history -----------------------------------------------------------------------------
+    def find_messages(self, query: MessageQuery) -> list[MessageRecord]:
+        """The records matching ``query``, newest received first (through an index per
+        identifier, or the one on reception time)."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("accession_number", query.accession_number),
+            ("patient_id", query.patient_id),
+            ("study_uid", query.study_uid),
+            ("sop_instance_uid", query.sop_instance_uid),
+            ("channel", query.channel),
+            ("status", query.status),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if query.since is not None:
+            clauses.append("received_at >= ?")
+            params.append(query.since)
+        if query.until is not None:
+            clauses.append("received_at < ?")
+            params.append(query.until)
+        where = " AND ".join(clauses) or "1"
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {where}"
+                " ORDER BY received_at DESC, id LIMIT ?",
+                (*params, query.limit),
+            ).fetchall()
+        return [_message_record(row) for row in rows]
+
+    def journey(self, message_id: str) -> Journey | None:
+        """The record of ``message_id``, its events oldest first, and its entries still queued."""
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            events = conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE message_id = ? ORDER BY seq", (message_id,)
+            ).fetchall()
+        return Journey(
+            _message_record(row), tuple(_event(e) for e in events), tuple(json.loads(row["entries"]))
+        )
+
+    @_may_use_reserve
+    def expire_history(self, older_than: float) -> int:
+        """Delete records last updated before ``older_than`` whose message has no entry left, with
+        their events; how many. In batches, so that the engine's writes wait little."""
+        total = 0
+        while True:
+            with self._write() as conn:
+                ids = [
+                    row[0]
+                    for row in conn.execute(
+                        # Received before means updated before too: the index on reception.
+                        "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE received_at < ?"
+                        " AND updated_at < ? AND entries = '[]' LIMIT ?) RETURNING id",
+                        (older_than, older_than, _EXPIRE_BATCH),
+                    ).fetchall()
+                ]
+                if ids:
+                    conn.execute(
+                        "DELETE FROM events WHERE message_id IN (SELECT value FROM json_each(?))",
+                        (json.dumps(ids),),
+                    )
+            total += len(ids)
+            if len(ids) < _EXPIRE_BATCH:
+                return total
 
     def _check_reserve(self) -> None:
         # After the reserve was given to delivery, new messages wait until it is back.
@@ -773,6 +940,218 @@ class DataPaths:
         for mark, path in self._unmarks:
             text = text.replace(mark, path)
         return text
+
+
+# -- history ---------------------------------------------------------------------------------
+_EXPIRE_BATCH = 500
+
+_HISTORY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    channel TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    source TEXT NOT NULL DEFAULT '',
+    patient_id TEXT,
+    accession_number TEXT,
+    study_uid TEXT,
+    sop_instance_uid TEXT,
+    identifiers TEXT NOT NULL DEFAULT '{}',
+    tags TEXT NOT NULL DEFAULT '{}',
+    status TEXT NOT NULL,
+    destinations TEXT NOT NULL DEFAULT '{}',
+    entries TEXT NOT NULL DEFAULT '[]',
+    events INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_received ON messages (received_at);
+CREATE INDEX IF NOT EXISTS messages_by_accession ON messages (accession_number, received_at)
+    WHERE accession_number IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_by_patient ON messages (patient_id, received_at)
+    WHERE patient_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_by_study ON messages (study_uid, received_at)
+    WHERE study_uid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_by_sop ON messages (sop_instance_uid)
+    WHERE sop_instance_uid IS NOT NULL;
+CREATE TABLE IF NOT EXISTS events (
+    message_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    destination TEXT NOT NULL DEFAULT '',
+    attempt INTEGER,
+    status TEXT NOT NULL DEFAULT '',
+    code INTEGER,
+    detail TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (message_id, seq)
+) WITHOUT ROWID;
+"""
+
+_MESSAGE_COLUMNS = (
+    "id, channel, received_at, source, identifiers, tags, status, destinations, updated_at, entries"
+)
+_EVENT_COLUMNS = "message_id, at, kind, destination, attempt, status, code, detail"
+
+
+def _history_tables(conn: sqlite3.Connection) -> None:
+    """Migration to v4: the history tables, and each entry's message id (from its message)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
+    if "message_id" not in columns:
+        conn.execute("ALTER TABLE entries ADD COLUMN message_id TEXT")
+    conn.execute("UPDATE entries SET message_id = json_extract(message, '$.id') WHERE message_id IS NULL")
+    for statement in _HISTORY_SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+class _History:
+    """Events to write in one transaction, grouped by message, with the records to create for
+    messages seen for the first time (``new``) and the entries each message gains or loses.
+
+    Written for the fewest b-trees per commit, since every page a commit touches is written to
+    the WAL and fsynced: the record keeps the ids of its entries still queued (``entries``: what
+    ``journey`` lists and ``expire_history`` checks, without an index on ``entries``) and the
+    number of its events (their key is ``(message_id, seq)``: one b-tree, no rowid index).
+    """
+
+    def __init__(self, events: Iterable[Event] = ()) -> None:
+        self.events: dict[str, list[Event]] = {}
+        self.records: dict[str, NewRecord] = {}
+        self.opened: dict[str, list[str]] = {}
+        self.closed: dict[str, set[str]] = {}
+        for event in events:
+            self.add(event)
+
+    def new(self, message: Message) -> str:
+        if message.id not in self.records:
+            self.records[message.id] = history_of(message)
+        return message.id
+
+    def add(self, event: Event) -> None:
+        self.events.setdefault(event.message_id, []).append(event)
+
+    def opens(self, message_id: str, entry_id: str) -> None:
+        self.opened.setdefault(message_id, []).append(entry_id)
+
+    def closes(self, message_id: str, entry_id: str) -> None:
+        self.closed.setdefault(message_id, set()).add(entry_id)
+
+    def write(self, conn: sqlite3.Connection, now: float) -> None:
+        rows: list[tuple[Any, ...]] = []
+        for message_id in dict.fromkeys([*self.records, *self.events, *self.opened, *self.closed]):
+            events = self.events.get(message_id, [])
+            found = conn.execute(
+                "SELECT status, destinations, entries, events FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+            if found is None:
+                new = self.records.get(message_id)
+                if new is None:
+                    continue  # an entry queued before the history existed: it has no record
+                received = Event(message_id, new.received_at, EventKind.RECEIVED, detail=_from(new))
+                events = [received, *events]
+                status, states = next_state("received", {}, events, channel_queue_prefix=CHANNEL_QUEUE_PREFIX)
+                ids = new.identifiers
+                entries = [
+                    e for e in self.opened.get(message_id, []) if e not in self.closed.get(message_id, ())
+                ]
+                conn.execute(
+                    "INSERT INTO messages (id, channel, received_at, source, patient_id,"
+                    " accession_number, study_uid, sop_instance_uid, identifiers, tags, status,"
+                    " destinations, entries, events, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        message_id, new.channel, new.received_at, new.source, ids.get("patient_id"),
+                        ids.get("accession_number"), ids.get("study_uid"), ids.get("sop_instance_uid"),
+                        json.dumps(ids), json.dumps(new.tags), status, json.dumps(states),
+                        json.dumps(entries), len(events), now,
+                    ),
+                )  # fmt: skip
+                first = 1
+            else:
+                status, states = next_state(
+                    found["status"],
+                    json.loads(found["destinations"]),
+                    events,
+                    channel_queue_prefix=CHANNEL_QUEUE_PREFIX,
+                )
+                closed = self.closed.get(message_id, set())
+                entries = [e for e in json.loads(found["entries"]) if e not in closed]
+                entries += [e for e in self.opened.get(message_id, []) if e not in closed]
+                conn.execute(
+                    "UPDATE messages SET status = ?, destinations = ?, entries = ?, events = ?,"
+                    " updated_at = ? WHERE id = ?",
+                    (
+                        status,
+                        json.dumps(states),
+                        json.dumps(entries),
+                        found["events"] + len(events),
+                        now,
+                        message_id,
+                    ),
+                )
+                first = found["events"] + 1
+            rows.extend(
+                (
+                    e.message_id,
+                    first + n,
+                    e.at,
+                    e.kind.value,
+                    e.destination,
+                    e.attempt,
+                    e.status,
+                    e.code,
+                    capped(e.detail),
+                )
+                for n, e in enumerate(events)
+            )
+        if rows:
+            conn.executemany(
+                "INSERT INTO events (message_id, seq, at, kind, destination, attempt, status, code, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+
+def _from(new: NewRecord) -> str:
+    return f"from {new.source}" if new.source else ""
+
+
+def _operator_events(
+    conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], kind: EventKind, detail: str, now: float
+) -> None:
+    history = _History()
+    for row in rows:
+        if row["message_id"]:
+            history.add(Event(row["message_id"], now, kind, row["queue"], detail=detail))
+            if kind is EventKind.PURGED:
+                history.closes(row["message_id"], row["id"])
+    history.write(conn, now)
+
+
+def _message_record(row: sqlite3.Row) -> MessageRecord:
+    return MessageRecord(
+        id=row["id"],
+        channel=row["channel"],
+        received_at=row["received_at"],
+        source=row["source"],
+        identifiers=json.loads(row["identifiers"]),
+        tags=json.loads(row["tags"]),
+        status=row["status"],
+        destinations=json.loads(row["destinations"]),
+        updated_at=row["updated_at"],
+    )
+
+
+def _event(row: sqlite3.Row) -> Event:
+    return Event(
+        message_id=row["message_id"],
+        at=row["at"],
+        kind=EventKind(row["kind"]),
+        destination=row["destination"],
+        attempt=row["attempt"],
+        status=row["status"],
+        code=row["code"],
+        detail=row["detail"],
+    )
 
 
 def _relative_paths(conn: sqlite3.Connection, paths: DataPaths) -> None:

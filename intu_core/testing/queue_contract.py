@@ -23,10 +23,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from intu_core.history import Event, EventKind, MessageQuery
 from intu_core.message import Message, SendResult
 from intu_core.queue import EntryState, QueueStore, channel_queue
 
@@ -34,6 +36,24 @@ from intu_core.queue import EntryState, QueueStore, channel_queue
 def msg(n: int = 0, files: tuple[str, ...] = ()) -> Message:
     """A small message with non-ASCII text and metadata, referring to ``files``."""
     return Message(body={"n": n, "text": "é"}, channel="ch", metadata={"peer": "MOD1"}, files=files)
+
+
+def study_msg(accession: str, n: int = 0, *, at: float | None = None, patient: str = "P1") -> Message:
+    """A message as the DICOM source hands it over: ``metadata["history"]`` filled in."""
+    created = datetime.fromtimestamp(at if at is not None else time.time(), UTC)
+    history = {
+        "source": "MODALITY@127.0.0.1:40000",
+        "identifiers": {
+            "patient_id": patient,
+            "accession_number": accession,
+            "study_uid": f"1.2.3.{accession}",
+            "series_uid": f"1.2.3.{accession}.1",
+            "sop_instance_uid": f"1.2.3.{accession}.1.{n}",
+            "modality": "CT",
+        },
+        "tags": {"PatientName": "DOE^JANE", "Modality": "CT"},
+    }
+    return Message(body={"n": n}, channel="router", metadata={"history": history}, created_at=created)
 
 
 def make_file(folder: Path, name: str) -> str:
@@ -354,3 +374,141 @@ class QueueContract:
         assert len(store.list_entries()) == 4
         assert len(store.list_entries(limit=2)) == 2
         assert [x.queue for x in store.list_entries(state=EntryState.IN_FLIGHT)] == ["a"]
+
+    # -- history ---------------------------------------------------------------------------
+    def test_an_enqueue_records_the_message_as_received_and_queued(self, store: QueueStore) -> None:
+        m = study_msg("ACC1")
+        ids = store.enqueue([("pacs", m), ("archive", m)], origin=m)
+        journey = store.journey(m.id)
+        assert journey is not None
+        record = journey.message
+        assert (record.id, record.channel, record.source) == (m.id, "router", "MODALITY@127.0.0.1:40000")
+        assert record.received_at == pytest.approx(m.created_at.timestamp())
+        assert record.identifiers["accession_number"] == "ACC1" and record.identifiers["modality"] == "CT"
+        assert record.tags == {"PatientName": "DOE^JANE", "Modality": "CT"}
+        assert record.status == "queued" and record.destinations == {"pacs": "queued", "archive": "queued"}
+        assert [(e.kind, e.destination) for e in journey.events] == [
+            (EventKind.RECEIVED, ""),
+            (EventKind.QUEUED, "pacs"),
+            (EventKind.QUEUED, "archive"),
+        ]
+        assert "MODALITY@127.0.0.1:40000" in journey.events[0].detail
+        assert set(journey.entries) == set(ids)
+        assert store.journey("unknown") is None
+
+    def test_a_transformed_message_is_recorded_under_the_message_received(self, store: QueueStore) -> None:
+        received = study_msg("ACC2")
+        rebuilt = Message(body={"new": True}, channel="router")  # a transformer built a new Message
+        sent = Event(received.id, time.time(), EventKind.SENT, "audit", status="success")
+        store.enqueue([("pacs", rebuilt)], origin=received, events=[sent])
+        assert store.journey(rebuilt.id) is None
+        journey = store.journey(received.id)
+        assert journey is not None
+        assert journey.message.identifiers["accession_number"] == "ACC2"
+        assert journey.message.destinations == {"pacs": "queued", "audit": "sent"}
+        assert [e.kind for e in journey.events] == [EventKind.RECEIVED, EventKind.SENT, EventKind.QUEUED]
+
+    def test_attempts_delivery_and_dead_letters_are_in_the_journey(self, store: QueueStore) -> None:
+        m = study_msg("ACC3")
+        store.enqueue([("pacs", m), ("archive", m)], origin=m)
+        first = store.claim("pacs")
+        assert first is not None
+        store.retry_later(first.id, SendResult.retryable("PACS busy", code=0xA700), time.time())
+        again = store.claim("pacs")
+        assert again is not None and again.id == first.id
+        assert store.complete(again.id, SendResult.success("stored", code=0x0000))
+        assert store.journey(m.id).message.status == "queued"  # type: ignore[union-attr]
+        archive = store.claim("archive")
+        assert archive is not None
+        store.dead_letter(archive.id, SendResult.permanent("refused", code=0xA900))
+        journey = store.journey(m.id)
+        assert journey is not None
+        tail = [(e.kind, e.destination, e.attempt, e.status, e.code, e.detail) for e in journey.events[3:]]
+        assert tail == [
+            (EventKind.ATTEMPT, "pacs", 1, "retryable", 0xA700, "PACS busy"),
+            (EventKind.DELIVERED, "pacs", 2, "success", 0x0000, "stored"),
+            (EventKind.DEAD, "archive", 1, "permanent", 0xA900, "refused"),
+        ]
+        assert journey.message.status == "partial"
+        assert journey.message.destinations == {"pacs": "delivered", "archive": "dead"}
+        assert journey.entries == (archive.id,)  # the dead letter is still there to retry
+        assert journey.message.updated_at >= journey.message.received_at
+
+    def test_operator_retry_and_purge_are_in_the_journey(self, store: QueueStore) -> None:
+        m = study_msg("ACC4")
+        [entry_id] = store.enqueue([("pacs", m)], origin=m)
+        claimed = store.claim("pacs")
+        assert claimed is not None
+        store.dead_letter(claimed.id, SendResult.permanent("no"))
+        assert store.journey(m.id).message.status == "dead"  # type: ignore[union-attr]
+        assert store.retry(entry_ids=[entry_id]) == 1
+        assert store.journey(m.id).message.status == "queued"  # type: ignore[union-attr]
+        assert store.purge(entry_ids=[entry_id]) == 1
+        journey = store.journey(m.id)
+        assert journey is not None and journey.entries == ()
+        assert [e.kind for e in journey.events][-2:] == [EventKind.RETRIED, EventKind.PURGED]
+        assert journey.message.destinations == {"pacs": "purged"} and journey.message.status == "dead"
+
+    def test_errors_and_filters_are_recorded(self, store: QueueStore) -> None:
+        errored = study_msg("ACC5", 1)
+        store.record_error(errored, channel_queue("router"), "transformer.py:transform: KeyError: 'x'")
+        journey = store.journey(errored.id)
+        assert journey is not None and journey.message.status == "errored"
+        assert journey.message.destinations == {}
+        assert [e.kind for e in journey.events] == [EventKind.RECEIVED, EventKind.ERRORED]
+        assert "KeyError" in journey.events[1].detail and len(journey.entries) == 1
+        # Retried and run through the channel again: its queue entries show up in the same record.
+        assert store.retry(state=EntryState.ERRORED) == 1
+        store.enqueue([("pacs", errored)], origin=errored)
+        assert store.journey(errored.id).message.status == "queued"  # type: ignore[union-attr]
+
+        filtered = study_msg("ACC5", 2)
+        store.record(
+            filtered, [Event(filtered.id, time.time(), EventKind.FILTERED, detail="filter.py:filter")]
+        )
+        journey = store.journey(filtered.id)
+        assert journey is not None and journey.message.status == "filtered"
+        assert journey.message.identifiers["sop_instance_uid"] == "1.2.3.ACC5.1.2"  # nothing discarded unseen
+        assert [e.kind for e in journey.events] == [EventKind.RECEIVED, EventKind.FILTERED]
+        assert journey.events[1].detail == "filter.py:filter"
+
+    def test_find_messages_by_identifier_status_and_time(self, store: QueueStore) -> None:
+        now = time.time()
+        a1, a2 = study_msg("A", 1, at=now - 30), study_msg("A", 2, at=now - 20)
+        b = study_msg("B", 1, at=now - 10, patient="P2")
+        for m in (a1, a2, b):
+            store.enqueue([("pacs", m)], origin=m)
+        claimed = store.claim("pacs")
+        assert claimed is not None and store.complete(claimed.id, SendResult.success())
+
+        def ids(**kw: object) -> list[str]:
+            return [r.id for r in store.find_messages(MessageQuery(**kw))]  # type: ignore[arg-type]
+
+        assert ids(accession_number="A") == [a2.id, a1.id]  # newest first
+        assert ids(patient_id="P2") == [b.id]
+        assert ids(study_uid="1.2.3.B") == [b.id]
+        assert ids(sop_instance_uid="1.2.3.A.1.1") == [a1.id]
+        assert ids(status="delivered") == [a1.id]
+        assert ids(status="queued", accession_number="A") == [a2.id]
+        assert ids(channel="router", limit=2) == [b.id, a2.id]
+        assert ids(channel="other") == []
+        assert ids(since=now - 25) == [b.id, a2.id]
+        assert ids(since=now - 25, until=now - 15) == [a2.id]
+        assert ids(accession_number="none") == []
+        with pytest.raises(ValueError):
+            MessageQuery(status="bogus")
+
+    def test_expired_history_is_deleted_unless_still_queued(self, store: QueueStore) -> None:
+        done, waiting = study_msg("E", 1), study_msg("E", 2)
+        store.enqueue([("pacs", done)], origin=done)
+        store.enqueue([("pacs", waiting)], origin=waiting)
+        claimed = store.claim("pacs")
+        assert claimed is not None and store.complete(claimed.id, SendResult.success())
+        filtered = study_msg("E", 3)
+        store.record(filtered, [Event(filtered.id, time.time(), EventKind.FILTERED)])
+        assert store.expire_history(time.time() - 3600) == 0  # all recent
+        assert store.expire_history(time.time() + 1) == 2  # the delivered and the filtered one
+        assert store.journey(done.id) is None and store.journey(filtered.id) is None
+        kept = store.journey(waiting.id)
+        assert kept is not None and len(kept.events) == 2  # still queued: kept with its events
+        assert [r.id for r in store.find_messages(MessageQuery(accession_number="E"))] == [waiting.id]

@@ -47,10 +47,11 @@ def intu_message_from_file(source_type: str, path: Path, channel: str) -> Messag
     raises ValueError for a file that is not a DICOM instance that can be parsed."""
     if source_type != "dicom":
         return None
-    from intu_dicom_destination.body import InvalidBody, body_from_file
+    from intu_dicom_destination.body import InvalidBody, body_from_file, scan_file
 
     try:
         body = body_from_file(path)
+        history = {"source": f"recovered from {path.name}", **scan_file(path).history_fields()}
     except InvalidBody as exc:
         raise ValueError(str(exc)) from None
     # What the source knew of the association is gone; the identifiers are in the file itself.
@@ -60,7 +61,8 @@ def intu_message_from_file(source_type: str, path: Path, channel: str) -> Messag
             "sop_instance_uid": body["sop_instance_uid"],
             "transfer_syntax_uid": body["transfer_syntax_uid"],
             "recovered_from_file": True,
-        }
+        },
+        "history": history,  # so that the message history can find it again (intu messages)
     }
     return Message(body=body, channel=channel, metadata=metadata, files=(str(path),))
 

@@ -30,12 +30,14 @@ reactor + 0.1 ms DUL poll ~500-560 img/s):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
+import socket
 import threading
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, BinaryIO
 
@@ -131,6 +133,9 @@ def require_pynetdicom() -> None:
         "DULServiceProvider.to_provider_queue": getattr(assoc.dul, "to_provider_queue", None),
         "DULServiceProvider.to_user_queue": getattr(assoc.dul, "to_user_queue", None),
         "DIMSEServiceProvider.msg_queue": getattr(assoc.dimse, "msg_queue", None),
+        # The direct C-STORE (hold_transport).
+        "DULServiceProvider._is_transport_event": getattr(assoc.dul, "_is_transport_event", None),
+        "DULServiceProvider._idle_timer": getattr(assoc.dul, "_idle_timer", None),
     }
     import pynetdicom.dimse_messages as dimse_messages
     from pynetdicom.transport import RequestHandler
@@ -305,6 +310,43 @@ def healthy(assoc: Any) -> bool:
 
 
 # -- pynetdicom: the DUL thread --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def hold_transport(assoc: Any) -> Iterator[socket.socket]:
+    """The socket of an established association, with its DUL thread kept off it meanwhile: the
+    DUL's "is there an incoming PDU" step (``_is_transport_event``) is skipped while held, so
+    that the caller reads and writes PDUs itself (``scu.direct``). On exit the socket's timeout
+    is put back and the DUL's idle timer restarted (the exchange was activity)."""
+    dul = assoc.dul
+    lock = getattr(dul, "_intu_transport_lock", None)
+    if lock is None:
+        lock = threading.Lock()
+        check = dul._is_transport_event
+
+        def gated() -> bool:
+            if not lock.acquire(blocking=False):
+                return False
+            try:
+                return bool(check())
+            finally:
+                lock.release()
+
+        dul._intu_transport_lock = lock
+        dul._is_transport_event = gated
+    sock = dul.socket.socket if dul.socket is not None else None
+    if sock is None:
+        raise ConnectionError("the association has no socket")
+    with lock:
+        timeout = sock.gettimeout()
+        try:
+            yield sock
+        finally:
+            try:
+                sock.settimeout(timeout)
+            except OSError:
+                pass
+            dul._idle_timer.restart()
 
 
 def set_poll_delay(assoc: Any, seconds: float) -> None:

@@ -22,6 +22,7 @@ from intu_dicom_destination.body import (
     dataset_digest,
     inflate_part10,
     prepare_for_send,
+    scan_file,
     write_part10_from_body,
 )
 from intu_dicom_destination.body.model import _bulk_vr
@@ -222,20 +223,32 @@ def _bulk_bad_uri(ct: Path) -> dict[str, Any]:
     return body
 
 
-def test_unparseable_files_raise_invalid_body(tmp_path: Path) -> None:
+@pytest.mark.parametrize("read", [body_from_file, scan_file])
+def test_unparseable_files_raise_invalid_body(tmp_path: Path, read: Any) -> None:
+    """``scan_file`` (what the source checks before answering, the model deferred) refuses what
+    ``body_from_file`` refuses, with the same reasons."""
     truncated = write_garbage_instance(tmp_path / "truncated.dcm")  # (0008,0016) claims 32767 bytes
     with pytest.raises(InvalidBody, match=r"\(0008,0016\) claims 32767 bytes"):
-        body_from_file(truncated)
+        read(truncated)
     bad_vr = write_garbage_instance(
         tmp_path / "badvr.dcm", payload=b"\x08\x00\x60\x00ZZ\x02\x00CT" + b"garbage!" * 4
     )
     with pytest.raises(InvalidBody, match="not a DICOM .* can be parsed"):
-        body_from_file(bad_vr)
+        read(bad_vr)
     (tmp_path / "text.dcm").write_text("hello")
     with pytest.raises(InvalidBody, match="not a DICOM .* can be parsed"):
-        body_from_file(tmp_path / "text.dcm")
+        read(tmp_path / "text.dcm")
     with pytest.raises(InvalidBody, match="does not exist"):
-        body_from_file(tmp_path / "nope.dcm")
+        read(tmp_path / "nope.dcm")
+
+
+def test_a_deferred_body_materializes_to_what_body_from_file_builds(ct: Path) -> None:
+    body = scan_file(ct).body()
+    assert set(body) == {"sop_class_uid", "sop_instance_uid", "transfer_syntax_uid", "file"}
+    full = body_from_file(ct)
+    assert {k: full[k] for k in body} == dict(body)
+    body.materialize()
+    assert body == full
 
 
 def test_small_binary_values_are_inline_and_sequences_nested(tmp_path: Path) -> None:

@@ -161,6 +161,28 @@ def test_reactor_parks_on_the_checkpoint_and_sends_still_work(echo_scp: Any) -> 
     assert _wait(lambda: not assoc.is_alive())
 
 
+def test_hold_transport_keeps_the_dul_off_the_socket(echo_scp: Any) -> None:
+    """scu.direct's exchange: while held, a response is read here, not by the DUL thread."""
+    from intu_dicom_destination.testing.attacks import c_echo_rq, read_pdu
+
+    assoc = _associate(echo_scp)
+    try:
+        assert internals.park(assoc)
+        context_id = assoc.accepted_contexts[0].context_id
+        idle_started = assoc.dul._idle_timer._start_time
+        with internals.hold_transport(assoc) as sock:
+            sock.sendall(c_echo_rq(context_id, message_id=9))
+            time.sleep(0.2)  # the DUL thread polls meanwhile, and must leave the response alone
+            pdu = read_pdu(sock)
+        assert pdu is not None and pdu[0] == 0x04  # the C-ECHO-RSP, read by us
+        assert assoc.dul._idle_timer._start_time != idle_started  # restarted: that was activity
+        assert assoc.dul.to_user_queue.qsize() == 0
+        assert assoc.send_c_echo().Status == 0  # and pynetdicom's own exchange works after
+    finally:
+        internals.unpark(assoc)
+        assoc.release()
+
+
 def test_healthy_sees_a_peer_abort_while_parked(echo_scp: Any) -> None:
     assoc = _associate(echo_scp)
     assert internals.park(assoc)

@@ -282,10 +282,9 @@ def test_sigkill_during_receive_and_forward_loses_nothing_acknowledged(tmp_path:
 
 
 # -- 2. outage -------------------------------------------------------------------------------------
-def test_pacs_outage_then_everything_arrives_with_backoff(tmp_path: Path, cleanup) -> None:
+def test_pacs_outage_then_everything_arrives_when_it_is_back(tmp_path: Path, cleanup) -> None:
     _, datasets = series(tmp_path / "series", 20)
     pacs_port, router_port = free_port(), free_port()  # nothing listens on pacs_port yet
-    policy = {"initial": 0.1, "max": 1.0, "jitter": 0.2}
     project = write_router_project(
         tmp_path / "router", router_port=router_port, pacs_port=pacs_port, retry=FAST_RETRY,
         transformer=SEED_TRANSFORMER,
@@ -299,22 +298,19 @@ def test_pacs_outage_then_everything_arrives_with_backoff(tmp_path: Path, cleanu
         with queue_store(project) as store:
             return store.list_entries(DESTINATION, None, 1000)
 
-    # Down long enough for the backoff to reach its cap (0.1, 0.2, 0.4, 0.8, 1.0, 1.0 s).
-    wait_for(lambda: min((e.attempts for e in entries()), default=0) >= 6, 30, "6 attempts per entry")
+    # Nothing listens: the first refused sends mark the destination down, and from then on the
+    # entries wait for its C-ECHO probe (1 s, 2 s, 4 s...) instead of each backing off on its own
+    # (issue 13; the back-off itself is tested with a PACS answering 0xA700, below).
+    wait_for(lambda: f"destination {DESTINATION} is down" in engine.log_text(), 30, "the destination down")
+    time.sleep(4)  # a few probes
     snapshot = entries()
     assert len(snapshot) == 20
-    for entry in snapshot:
-        tries = [h for h in entry.history if h["status"] != "note"]
-        assert all(h["status"] == "retryable" for h in tries), tries
-        # Nothing listens: "Connection refused" (rarely misreported as an abort, see the report).
-        assert any("Connection refused" in h["detail"] for h in tries), tries
-        for n, (a, b) in enumerate(zip(tries, tries[1:], strict=False), start=1):
-            expected = min(policy["initial"] * 2 ** (n - 1), policy["max"])
-            gap = b["at"] - a["at"]
-            low, high = expected * (1 - policy["jitter"]) - 0.02, expected * (1 + policy["jitter"]) + 2.0
-            assert low <= gap <= high, (
-                f"entry {entry.id} attempt {n}->{n + 1}: {gap:.3f} s, policy {expected} s"
-            )
+    tries = [h for entry in snapshot for h in entry.history if h["status"] != "note"]
+    # The sends that found it down: those in flight and those just claimed, at most two per worker.
+    assert 1 <= len(tries) <= 4 and sum(e.attempts for e in snapshot) == len(tries), tries
+    assert all(h["status"] == "retryable" for h in tries), tries
+    # "Connection refused" (rarely misreported as an abort, see the report).
+    assert any("Connection refused" in h["detail"] for h in tries), tries
 
     pacs = start_scp_on(pacs_port, ae_title="PACS")
     cleanup.append(pacs)

@@ -23,7 +23,7 @@ from pynetdicom import AE, _config
 
 from intu_core.config.problems import Problems
 from intu_core.config.section import Section
-from intu_core.message import Acceptance, AcceptanceStatus, Message
+from intu_core.message import Acceptance, AcceptanceStatus, DeferredBody, Message
 from intu_core.types import Runtime
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -99,6 +99,11 @@ def test_store_builds_body_file_and_metadata(source: Any, engine: Engine, ct_fil
         original = dcmread(original_path)
         body = message.body
         assert message.channel == "dicom-router"
+        # The JSON model is deferred: nothing but the UIDs and the file until a stage reads it.
+        assert set(body) == {"sop_class_uid", "sop_instance_uid", "transfer_syntax_uid", "file"}
+        assert isinstance(body, DeferredBody)
+        body.materialize()
+        assert body == body_from_file(Path(body["file"]))
         assert body["dataset"]["00100020"] == {"vr": "LO", "Value": ["INTU-0001"]}
         assert body["dataset"]["00100010"]["Value"] == [{"Alphabetic": "Doe^Jane"}]
         assert body["dataset"]["00080060"]["Value"] == ["CT"]
@@ -120,6 +125,18 @@ def test_store_builds_body_file_and_metadata(source: Any, engine: Engine, ct_fil
             "sop_class_uid": CTImageStorage,
             "sop_instance_uid": original.SOPInstanceUID,
         }
+        history = message.metadata["history"]
+        assert history["source"] == f"TEST_SCU@127.0.0.1:{local_port}"
+        assert history["identifiers"] == {
+            "patient_id": original.PatientID,
+            "accession_number": original.AccessionNumber,
+            "study_uid": original.StudyInstanceUID,
+            "series_uid": original.SeriesInstanceUID,
+            "sop_instance_uid": original.SOPInstanceUID,
+            "modality": "CT",
+        }
+        assert history["tags"]["PatientName"] == "Doe^Jane"
+        assert history["tags"]["InstanceNumber"] == str(original.InstanceNumber)
 
 
 def test_source_counts_bytes_and_associations_in_the_runtime_metrics(
@@ -545,6 +562,7 @@ def test_body_from_received_file_is_stable(source: Any, engine: Engine, ct_files
     assoc.send_c_store(ct_files(1)[0])
     assoc.release()
     body = engine.messages[0].body
+    body.materialize()
     assert body_from_file(Path(body["file"])) == body
 
 

@@ -529,7 +529,8 @@ def test_sigterm_while_receiving_loses_nothing_that_was_acknowledged(
         pacs_ae=orthanc.ae_title,
         transformer=SEED_TRANSFORMER,
     )
-    serve = IntuProcess(project, tmp_path / "logs")
+    # Debug: the line saying a message was accepted (below) is not logged at info.
+    serve = IntuProcess(project, tmp_path / "logs", env={"INTU_LOG_LEVEL": "debug"})
     files = write_ct_series(tmp_path / "study", 30, size_kib=256)
     uid_of = {str(f): str(read(f).SOPInstanceUID) for f in files}
     study_uid = str(read(files[0]).StudyInstanceUID)

@@ -370,14 +370,30 @@ class _Surprise(Exception):
     pass
 
 
-def test_an_unexpected_error_while_sending_gives_the_association_back(
-    scp_factory, senders, ct_files, monkeypatch
-):
+@pytest.fixture(params=["direct", "pynetdicom"])
+def send_call(request, monkeypatch):
+    """The call that sends one C-STORE, on each of the two ways: ``scu.direct`` (the usual one) and
+    pynetdicom's (used when the direct way declines; here it always declines)."""
+    from intu_dicom_destination.scu.direct import DirectStore, NotDirect
     from pynetdicom.association import Association
 
+    if request.param == "pynetdicom":
+
+        def decline(self, *args, **kwargs):
+            raise NotDirect("declined by the test")
+
+        monkeypatch.setattr(DirectStore, "store", decline)
+        return Association, "send_c_store"
+    return DirectStore, "store"
+
+
+def test_an_unexpected_error_while_sending_gives_the_association_back(
+    scp_factory, senders, ct_files, monkeypatch, send_call
+):
+    cls, name = send_call
     scp = scp_factory()
     sender = senders(settings_for(scp, max_associations=2, timeout_ms=3000))
-    original = Association.send_c_store
+    original = getattr(cls, name)
     failures = {"left": 3}  # max_associations + 1: each used to leak a pool slot, then a hang
 
     def flaky(self, *args, **kwargs):
@@ -386,7 +402,7 @@ def test_an_unexpected_error_while_sending_gives_the_association_back(
             raise _Surprise("the unexpected")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Association, "send_c_store", flaky)
+    monkeypatch.setattr(cls, name, flaky)
     files = ct_files(6)
     for path in files[:3]:
         result = _in_thread(lambda path=path: sender.send_file(path))
@@ -406,19 +422,18 @@ def test_an_unexpected_error_while_sending_gives_the_association_back(
 
 
 def test_an_interrupt_while_sending_is_raised_and_gives_the_association_back(
-    scp_factory, senders, ct_files, monkeypatch
+    scp_factory, senders, ct_files, monkeypatch, send_call
 ):
-    from pynetdicom.association import Association
-
+    cls, name = send_call
     scp = scp_factory()
     sender = senders(settings_for(scp, max_associations=1, timeout_ms=3000))
-    original = Association.send_c_store
+    original = getattr(cls, name)
 
     def interrupted(self, *args, **kwargs):
-        monkeypatch.setattr(Association, "send_c_store", original)
+        monkeypatch.setattr(cls, name, original)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Association, "send_c_store", interrupted)
+    monkeypatch.setattr(cls, name, interrupted)
     files = ct_files(2)
     with pytest.raises(KeyboardInterrupt):
         _in_thread(lambda: sender.send_file(files[0]))

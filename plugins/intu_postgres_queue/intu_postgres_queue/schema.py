@@ -14,6 +14,16 @@ Version 1::
     files(path text PRIMARY KEY, refs integer)       -- entries that still need the file
     counters(queue, name, node, value)               -- "delivered", "recovered" per queue and node
 
+Version 2 adds the message history (``intu_core.history``), as in the SQLite backend::
+
+    entries.message_id text                          -- the history record an entry belongs to
+    index entries_by_message(message_id)
+    messages(id, channel, received_at, source, patient_id, accession_number, study_uid,
+             sop_instance_uid, identifiers jsonb, tags jsonb, status, destinations jsonb, updated_at)
+    index messages_by_received, _by_accession, _by_patient, _by_study, _by_sop, _by_updated
+    events(seq bigserial, message_id, at, kind, destination, attempt, status, code, detail)
+    index events_by_message(message_id, seq)
+
 Counters are kept per node and summed when read: one row per queue updated by every delivery
 would serialise the deliveries of all nodes on its row lock until each commit's WAL flush.
 
@@ -55,6 +65,45 @@ CREATE TABLE {s}.counters (
     value bigint NOT NULL,
     PRIMARY KEY (queue, name, node)
 )
+""",
+    """
+ALTER TABLE {s}.entries ADD COLUMN message_id text;
+UPDATE {s}.entries SET message_id = (message::jsonb)->>'id';
+CREATE INDEX entries_by_message ON {s}.entries (message_id);
+CREATE TABLE {s}.messages (
+    id text PRIMARY KEY,
+    channel text NOT NULL,
+    received_at double precision NOT NULL,
+    source text NOT NULL DEFAULT '',
+    patient_id text,
+    accession_number text,
+    study_uid text,
+    sop_instance_uid text,
+    identifiers jsonb NOT NULL DEFAULT '{{}}',
+    tags jsonb NOT NULL DEFAULT '{{}}',
+    status text NOT NULL,
+    destinations jsonb NOT NULL DEFAULT '{{}}',
+    updated_at double precision NOT NULL
+);
+CREATE INDEX messages_by_received ON {s}.messages (received_at);
+CREATE INDEX messages_by_accession ON {s}.messages (accession_number, received_at)
+    WHERE accession_number IS NOT NULL;
+CREATE INDEX messages_by_patient ON {s}.messages (patient_id, received_at) WHERE patient_id IS NOT NULL;
+CREATE INDEX messages_by_study ON {s}.messages (study_uid, received_at) WHERE study_uid IS NOT NULL;
+CREATE INDEX messages_by_sop ON {s}.messages (sop_instance_uid) WHERE sop_instance_uid IS NOT NULL;
+CREATE INDEX messages_by_updated ON {s}.messages (updated_at);
+CREATE TABLE {s}.events (
+    seq bigserial PRIMARY KEY,
+    message_id text NOT NULL,
+    at double precision NOT NULL,
+    kind text NOT NULL,
+    destination text NOT NULL DEFAULT '',
+    attempt integer,
+    status text NOT NULL DEFAULT '',
+    code integer,
+    detail text NOT NULL DEFAULT ''
+);
+CREATE INDEX events_by_message ON {s}.events (message_id, seq)
 """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -29,8 +29,10 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
+from intu_core.history import Event, EventKind, Journey, MessageQuery, MessageRecord, capped
 from intu_core.message import Message, SendResult
 from intu_core.queue import (
+    CHANNEL_QUEUE_PREFIX,
     DEFAULT_LEASE_S,
     Entry,
     EntryState,
@@ -38,6 +40,7 @@ from intu_core.queue import (
     attempt_record,
     retryable_states,
 )
+from intu_postgres_queue import history
 from intu_postgres_queue.connections import Connection, Connections
 from intu_postgres_queue.schema import prepare, quote_identifier
 
@@ -97,6 +100,7 @@ class PostgresQueueStore:
             self._db.close()
             raise
         s = quote_identifier(schema)
+        self._schema = s
         self._entries, self._files, self._counters = f"{s}.entries", f"{s}.files", f"{s}.counters"
 
     @property
@@ -105,9 +109,16 @@ class PostgresQueueStore:
         return self._db.where
 
     # -- writing ---------------------------------------------------------------------------
-    def enqueue(self, items: Sequence[tuple[str, Message]]) -> list[str]:
+    def enqueue(
+        self,
+        items: Sequence[tuple[str, Message]],
+        *,
+        origin: Message | None = None,
+        events: Sequence[Event] = (),
+    ) -> list[str]:
         """Add each ``(queue, message)`` as a pending entry in one transaction; committed (and
-        flushed to the server's WAL) on return.
+        flushed to the server's WAL) on return. Its history (``queued`` events, ``events``) goes
+        in the same transaction.
 
         Raises ``TypeError`` when a message is not JSON-serialisable (nothing is stored then).
         """
@@ -115,13 +126,18 @@ class PostgresQueueStore:
         rows: list[tuple[Any, ...]] = []
         refs: list[str] = []
         encoded: dict[int, tuple[str, list[str]]] = {}
+        recorded = history.History(self._schema, events)
+        if origin is not None:
+            recorded.new(origin)
         for queue, message in items:
             key = id(message)
             if key not in encoded:
                 encoded[key] = (_encode_message(message), _distinct(message.files))
             text, files = encoded[key]
-            rows.append((uuid.uuid4().hex, queue, _PENDING, now, now, now, files, text))
+            message_id = origin.id if origin is not None else recorded.new(message)
+            rows.append((uuid.uuid4().hex, queue, _PENDING, now, now, now, files, text, message_id))
             refs.extend(files)
+            recorded.add(Event(message_id, now, EventKind.QUEUED, queue))
         if not rows:
             return []
 
@@ -129,10 +145,11 @@ class PostgresQueueStore:
             with conn.cursor() as cur:
                 cur.executemany(
                     f"INSERT INTO {self._entries} (id, queue, state, next_attempt_at, created_at,"
-                    " updated_at, files, message) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    " updated_at, files, message, message_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     rows,
                 )
             self._add_refs(conn, refs)
+            recorded.write(conn, now)
 
         self._db.run(work)
         return [row[0] for row in rows]
@@ -142,19 +159,32 @@ class PostgresQueueStore:
         now = time.time()
         files = _distinct(message.files)
         entry_id = uuid.uuid4().hex
-        history = Jsonb([attempt_record(now, reason)])
+        attempts = Jsonb([attempt_record(now, reason)])
         text = _encode_message(message)
+        recorded = history.History(
+            self._schema, [Event(message.id, now, EventKind.ERRORED, queue, detail=capped(reason))]
+        )
+        recorded.new(message)
 
         def work(conn: Connection) -> None:
             conn.execute(
                 f"INSERT INTO {self._entries} (id, queue, state, next_attempt_at, created_at, updated_at,"
-                " last_error, history, files, message) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (entry_id, queue, _ERRORED, now, now, now, reason, history, files, text),
+                " last_error, history, files, message, message_id)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (entry_id, queue, _ERRORED, now, now, now, reason, attempts, files, text, message.id),
             )
             self._add_refs(conn, files)
+            recorded.write(conn, now)
 
         self._db.run(work)
         return entry_id
+
+    def record(self, message: Message, events: Sequence[Event]) -> None:
+        """Create or update ``message``'s history record and add ``events``, in one transaction."""
+        recorded = history.History(self._schema, events)
+        recorded.new(message)
+        now = time.time()
+        self._db.run(lambda conn: recorded.write(conn, now))
 
     def claim(
         self, queue: str, now: float | None = None, *, lease_s: float = DEFAULT_LEASE_S
@@ -212,15 +242,24 @@ class PostgresQueueStore:
         """Delivered: delete the entry, count it, and delete files no other entry needs."""
 
         def work(conn: Connection) -> list[str] | None:
+            now = time.time()
             row = conn.execute(
                 f"DELETE FROM {self._entries} WHERE id = %s AND state = '{_IN_FLIGHT}' AND lease_owner = %s"
-                " RETURNING queue, files",
+                " RETURNING queue, files, message_id, attempts",
                 (entry_id, self.node_id),
             ).fetchone()
             if row is None:
                 return None
             self._count(conn, row["queue"], "delivered", 1)
-            return self._release(conn, [row["files"]])
+            unused = self._release(conn, [row["files"]])
+            if row["message_id"] and not row["queue"].startswith(CHANNEL_QUEUE_PREFIX):
+                # A channel's replayed entry is not a delivery (see the SQLite backend).
+                event = Event.of_send(
+                    row["message_id"], now, EventKind.DELIVERED, row["queue"],
+                    result or SendResult.success(), row["attempts"] + 1,
+                )  # fmt: skip
+                history.History(self._schema, [event]).write(conn, now)
+            return unused
 
         unused = self._db.run(work)
         if unused is None:
@@ -252,13 +291,19 @@ class PostgresQueueStore:
             # An in-flight entry is settled by the node holding it: after its lease expired and
             # another node took it, a late result of the first send must not undo the second.
             row = conn.execute(
-                f"SELECT history, next_attempt_at FROM {self._entries} WHERE id = %s"
-                f" AND state = ANY(%s) AND (state != '{_IN_FLIGHT}' OR lease_owner = %s) FOR UPDATE",
+                f"SELECT history, next_attempt_at, queue, message_id, attempts FROM {self._entries}"
+                f" WHERE id = %s AND state = ANY(%s) AND (state != '{_IN_FLIGHT}' OR lease_owner = %s)"
+                " FOR UPDATE",
                 (entry_id, list(from_states), self.node_id),
             ).fetchone()
             if row is None:
                 return False
-            history = [*row["history"], record][-HISTORY_LIMIT:]
+            if row["message_id"]:
+                kind = EventKind.ATTEMPT if state == _PENDING else EventKind.DEAD
+                attempt = row["attempts"] + 1 if tried else None
+                event = Event.of_send(row["message_id"], now, kind, row["queue"], result, attempt)
+                history.History(self._schema, [event]).write(conn, now)
+            attempts = [*row["history"], record][-HISTORY_LIMIT:]
             conn.execute(
                 f"UPDATE {self._entries} SET state = %s, attempts = attempts + %s, next_attempt_at = %s,"
                 " updated_at = %s, last_error = %s, history = %s, lease_owner = NULL,"
@@ -269,7 +314,7 @@ class PostgresQueueStore:
                     row["next_attempt_at"] if at is None else at,
                     now,
                     record["detail"] or record["status"],
-                    Jsonb(history),
+                    Jsonb(attempts),
                     entry_id,
                 ),
             )
@@ -342,12 +387,15 @@ class PostgresQueueStore:
         note = Jsonb([attempt_record(now, "retried by an operator")])
 
         def work(conn: Connection) -> int:
-            cur = conn.execute(
+            rows = conn.execute(
                 f"UPDATE {self._entries} SET state = '{_PENDING}', attempts = 0, next_attempt_at = %s,"
-                f" updated_at = %s, history = history || %s WHERE {where}",
+                f" updated_at = %s, history = history || %s WHERE {where} RETURNING queue, message_id",
                 (now, now, note, *params),
-            )
-            return cur.rowcount
+            ).fetchall()
+            history.operator_events(
+                self._schema, rows, EventKind.RETRIED, "retried by an operator", now
+            ).write(conn, now)
+            return len(rows)
 
         return self._db.run(work)
 
@@ -364,10 +412,15 @@ class PostgresQueueStore:
         where, params = _filters(queue, entry_ids, states)
 
         def work(conn: Connection) -> tuple[int, list[str]]:
+            now = time.time()
             rows = conn.execute(
-                f"DELETE FROM {self._entries} WHERE {where} RETURNING files", params
+                f"DELETE FROM {self._entries} WHERE {where} RETURNING files, queue, message_id", params
             ).fetchall()
-            return len(rows), self._release(conn, [r["files"] for r in rows])
+            unused = self._release(conn, [r["files"] for r in rows])
+            history.operator_events(self._schema, rows, EventKind.PURGED, "purged by an operator", now).write(
+                conn, now
+            )
+            return len(rows), unused
 
         count, unused = self._db.run(work)
         _unlink(unused)
@@ -451,6 +504,25 @@ class PostgresQueueStore:
             ).fetchall()
         )
         return [_entry(row) for row in rows]
+
+    # -- history -----------------------------------------------------------------------------
+    def find_messages(self, query: MessageQuery) -> list[MessageRecord]:
+        """The records matching ``query``, newest received first."""
+        return self._db.run(lambda conn: history.find_messages(conn, self._schema, query))
+
+    def journey(self, message_id: str) -> Journey | None:
+        """The record of ``message_id``, its events oldest first, and its entries still queued."""
+        return self._db.run(lambda conn: history.journey(conn, self._schema, message_id))
+
+    def expire_history(self, older_than: float) -> int:
+        """Delete records last updated before ``older_than`` whose message has no entry left, with
+        their events; how many. In batches of short transactions."""
+        total = 0
+        while True:
+            deleted = self._db.run(lambda conn: history.expire(conn, self._schema, older_than))
+            total += deleted
+            if deleted < history.EXPIRE_BATCH:
+                return total
 
     def close(self) -> None:
         self._db.close()

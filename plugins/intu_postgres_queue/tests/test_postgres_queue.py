@@ -3,6 +3,7 @@ schema version, connections lost and made again, node ids)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -160,11 +161,43 @@ def test_the_schema_is_versioned_and_opening_for_a_look_creates_nothing(pg_dsn: 
     PostgresQueueStore(pg_dsn, schema=pg_schema, node_id="n").close()
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         [(version,)] = conn.execute(f'SELECT version FROM "{pg_schema}".schema_version'.encode()).fetchall()
-        assert version == SCHEMA_VERSION == 1
+        assert version == SCHEMA_VERSION == 2
         PostgresQueueStore(pg_dsn, schema=pg_schema, node_id="n", create=False).close()
         conn.execute(f'UPDATE "{pg_schema}".schema_version SET version = 99'.encode())
     with pytest.raises(RuntimeError, match="has version 99, newer than this"):
         PostgresQueueStore(pg_dsn, schema=pg_schema, node_id="n")
+
+
+def test_a_version_1_queue_gets_the_history_tables(pg_dsn: str, pg_schema: str) -> None:
+    from intu_postgres_queue.schema import MIGRATIONS
+
+    s = f'"{pg_schema}"'
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {s}".encode())
+        for statement in MIGRATIONS[0].format(s=s).split(";"):
+            if statement.strip():
+                conn.execute(statement.encode())
+        conn.execute(f"CREATE TABLE {s}.schema_version (version integer NOT NULL)".encode())
+        conn.execute(f"INSERT INTO {s}.schema_version VALUES (1)".encode())
+        old = msg(1)
+        conn.execute(
+            f"INSERT INTO {s}.entries (id, queue, state, next_attempt_at, created_at, updated_at, message)"
+            " VALUES ('old', 'q', 'pending', 0, 0, 0, %s)".encode(),
+            (json.dumps(old.to_json()),),
+        )
+    with pytest.raises(QueueUnavailable, match="start intu serve of this version once"):
+        PostgresQueueStore(pg_dsn, schema=pg_schema, node_id="n", create=False)
+    store = PostgresQueueStore(pg_dsn, schema=pg_schema, node_id="n")
+    assert store.journey(old.id) is None  # queued before the history: no record, delivered as before
+    entry = store.claim("q")
+    assert entry is not None and entry.message.id == old.id and store.complete(entry.id, SendResult.success())
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute(f"SELECT count(*) FROM {s}.events".encode()).fetchone() == (0,)
+    new = msg(2)
+    store.enqueue([("q", new)])
+    journey = store.journey(new.id)
+    assert journey is not None and journey.message.status == "queued"
+    store.close()
 
 
 def test_nodes_starting_together_create_the_schema_once(pg_dsn: str, pg_schema: str) -> None:

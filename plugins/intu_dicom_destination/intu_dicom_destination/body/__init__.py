@@ -28,12 +28,15 @@ from intu_dicom_destination.body.deflate import inflate_part10, read_file_meta_i
 from intu_dicom_destination.body.model import (
     BULK_THRESHOLD,
     BulkRef,
+    DicomBody,
     InvalidBody,
+    ScannedInstance,
     body_from_file,
     bulk_data_uri,
     dataset_digest,
     element_fingerprint,
     parse_bulk_uri,
+    scan_file,
 )
 from intu_dicom_destination.body.part10 import (
     PreparedInstance,
@@ -44,6 +47,7 @@ from intu_dicom_destination.body.part10 import (
 __all__ = [
     "BULK_THRESHOLD",
     "BulkRef",
+    "DicomBody",
     "InvalidBody",
     "PreparedInstance",
     "body_from_file",
@@ -53,6 +57,8 @@ __all__ = [
     "inflate_part10",
     "parse_bulk_uri",
     "prepare_for_send",
+    "ScannedInstance",
     "read_file_meta_info_from",
+    "scan_file",
     "write_part10_from_body",
 ]

@@ -8,13 +8,14 @@ import base64
 import hashlib
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from pydicom import dcmread
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -162,24 +163,7 @@ def body_from_file(path: Path) -> dict[str, Any]:
 
     Raises ``InvalidBody`` when the file is not a DICOM instance that can be parsed.
     """
-    path = Path(path).resolve()
-    try:
-        size = path.stat().st_size
-        ds = dcmread(path, defer_size=BULK_THRESHOLD)
-    except FileNotFoundError:
-        raise InvalidBody(f"DICOM file {path} does not exist") from None
-    except Exception as exc:  # pydicom raises many kinds of errors for bad data
-        raise InvalidBody(f"{path} is not a DICOM file that can be parsed: {exc}") from None
-
-    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
-    ts = str(meta.get("TransferSyntaxUID", "") or "")
-    if not ts:
-        raise InvalidBody(f"{path} has no Transfer Syntax UID (0002,0010) in its file meta")
-    if ts == DeflatedExplicitVRLittleEndian:
-        raise InvalidBody(
-            f"{path} is deflated; bulk data cannot point into a deflated stream "
-            "(inflate it first, e.g. with inflate_part10)"
-        )
+    path, size, ds, meta, ts = _read_stored(path)
     little_endian = UID(ts).is_little_endian
     implicit = UID(ts).is_implicit_VR
 
@@ -258,6 +242,200 @@ def body_from_file(path: Path) -> dict[str, Any]:
     if invalid:
         body["invalid_elements"] = invalid
     return body
+
+
+#: At most this many elements in the history's summary of an instance (``history_fields``).
+HISTORY_TAGS = 40
+# Text VRs worth a line in the summary (not the long-text ones), and those of them in ASCII.
+_SUMMARY_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UI"})
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+# The identifiers the history keeps and searches by, by DICOM keyword.
+_IDENTIFIERS = {
+    "PatientID": "patient_id",
+    "AccessionNumber": "accession_number",
+    "StudyInstanceUID": "study_uid",
+    "SeriesInstanceUID": "series_uid",
+    "SOPInstanceUID": "sop_instance_uid",
+    "Modality": "modality",
+}
+
+# The body keys ``DicomBody`` has from the start; the others come with the JSON model.
+_LIGHT_KEYS = ("sop_class_uid", "sop_instance_uid", "transfer_syntax_uid", "file")
+
+
+class DicomBody(dict):  # type: ignore[type-arg]
+    """A message body whose JSON model is built only when a stage reads it (``DeferredBody``).
+
+    It starts with ``sop_class_uid``, ``sop_instance_uid``, ``transfer_syntax_uid`` and ``file``
+    (the stored file was checked by ``scan_file``); ``materialize()`` adds what
+    ``body_from_file`` would have (``dataset``, ``dataset_digest``, ``raw_elements``, ...). The
+    engine calls it before any filter or transformer runs; a body that no stage reads is queued
+    without a ``dataset`` and sent as the stored file, byte for byte (``prepare_for_send``).
+    Building the model is most of the receiving side's per-instance work in Python (about 1.5 ms
+    of a 512 KiB CT instance's ~2 ms on this machine), and a plain router never needs it.
+    """
+
+    def materialize(self) -> None:
+        """Add the JSON model and its indexes (once; raises ``InvalidBody`` like ``body_from_file``)."""
+        if "dataset" not in self:
+            self.update(body_from_file(Path(self["file"])))
+
+
+@dataclass(frozen=True)
+class ScannedInstance:
+    """What ``scan_file`` read: the parsed dataset (bulk values not read) and its UIDs."""
+
+    path: Path
+    dataset: Dataset
+    transfer_syntax_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+    def model_of(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        """The JSON model of those top-level elements (8-hex-digit keys) that the dataset has,
+        bulk values as references: for checks that read a few elements."""
+        ds = self.dataset
+        model: dict[str, Any] = {}
+        elements = internals.raw_elements(ds)
+        for key in keys:
+            tag = int(key, 16)
+            raw = elements.get(tag)
+            if raw is None:
+                continue
+            if tag == PIXEL_DATA and isinstance(raw, RawDataElement):
+                # The range as the body has it; an encapsulated one's length is not needed here.
+                undefined = raw.length == 0xFFFFFFFF
+                length = 0 if undefined else raw.length
+                uri = bulk_data_uri(self.path, raw.value_tell, length, undefined=undefined)
+                model[key] = {"vr": _bulk_vr(raw), "BulkDataURI": uri}
+                continue
+            model[key] = _element_json(ds, ds[tag].tag, key, [])
+        return model
+
+    def body(self) -> DicomBody:
+        """A ``DicomBody`` of the scanned file, its model not built yet."""
+        return DicomBody(
+            sop_class_uid=self.sop_class_uid,
+            sop_instance_uid=self.sop_instance_uid,
+            transfer_syntax_uid=self.transfer_syntax_uid,
+            file=str(self.path),
+        )
+
+    def history_fields(self) -> dict[str, Any]:
+        """What the message history keeps of this instance (``metadata["history"]``, less its
+        ``source``): the identifiers people search by, and a short summary of the top-level
+        elements by keyword for the dashboard (text values of at most 64 characters, no binary
+        values or sequences, at most ``HISTORY_TAGS`` of them)."""
+        ds = self.dataset
+        identifiers: dict[str, str] = {}
+        tags: dict[str, str] = {}
+        for tag, raw in internals.raw_elements(ds).items():
+            if len(tags) >= HISTORY_TAGS and int(tag) > 0x0020000E:
+                break  # the identifiers are all in groups 0008-0020
+            vr = str(raw.VR) if raw.VR else _bulk_vr(raw) if isinstance(raw, RawDataElement) else "UN"
+            length = getattr(raw, "length", 0)
+            if vr not in _SUMMARY_VRS or not 0 < length <= 64:
+                continue
+            keyword = keyword_for_tag(tag)
+            if not keyword:
+                continue
+            if vr in _ASCII_VRS and isinstance(raw.value, bytes):
+                # Their character repertoire is ASCII whatever the Specific Character Set: the
+                # stored text as it is, without a conversion per value.
+                text = raw.value.decode("latin-1").strip(" \0")
+            else:
+                try:
+                    value = ds[tag].value
+                except Exception:  # noqa: BLE001 - an invalid value: not worth a line in the summary
+                    continue
+                many = isinstance(value, Sequence) and not isinstance(value, str)
+                text = "\\".join(str(v) for v in value) if many else str(value)
+            if keyword in _IDENTIFIERS:
+                identifiers[_IDENTIFIERS[keyword]] = text
+            if len(tags) < HISTORY_TAGS:
+                tags[keyword] = text
+        identifiers.setdefault("sop_instance_uid", self.sop_instance_uid)
+        return {"identifiers": identifiers, "tags": tags}
+
+    def has_dataset(self) -> bool:
+        """Any element besides the file meta group."""
+        return any(int(tag) >> 16 != 0x0002 for tag in self.dataset.keys())
+
+
+def scan_file(path: Path) -> ScannedInstance:
+    """Read a stored Part-10 file as ``body_from_file`` does, with the same checks and errors
+    (``InvalidBody``: not DICOM, deflated, no transfer syntax, a value claiming bytes past the end
+    of the file, malformed encapsulated pixel data, no SOP UIDs), without building the JSON model."""
+    path, size, ds, meta, ts = _read_stored(path)
+    little_endian = UID(ts).is_little_endian
+    elements = internals.raw_elements(ds)
+    key = ""
+    try:
+        with open(path, "rb") as fp:
+            for tag, raw in elements.items():
+                if not isinstance(raw, RawDataElement):
+                    continue  # converted while reading (e.g. Specific Character Set): all there
+                length = raw.length
+                if length == 0xFFFFFFFF:
+                    if tag != PIXEL_DATA and _bulk_vr(raw) not in _BINARY_VRS:
+                        continue  # an undefined-length sequence: pydicom read it whole
+                    key = f"{int(tag):08X}"
+                    length = _encapsulated_length(fp, raw.value_tell, little_endian, size)
+                if raw.value_tell + length > size:
+                    key = f"{int(tag):08X}"
+                    raise InvalidBody(
+                        f"{path} is not a DICOM dataset that can be parsed: element "
+                        f"({key[:4]},{key[4:]}) claims {length} bytes at offset {raw.value_tell}, past "
+                        f"the end of the file ({size} bytes)"
+                    )
+            sop_class = _uid_of(ds, 0x00080016) or str(meta.get("MediaStorageSOPClassUID", "") or "")
+            sop_instance = _uid_of(ds, 0x00080018) or str(meta.get("MediaStorageSOPInstanceUID", "") or "")
+    except InvalidBody:
+        raise
+    except Exception as exc:
+        where = f" at element ({key[:4]},{key[4:]})" if key else ""
+        raise InvalidBody(f"{path} is not a DICOM dataset that can be parsed{where}: {exc}") from None
+    if not sop_class or not sop_instance:
+        raise InvalidBody(f"{path} has no SOP Class UID (0008,0016) or SOP Instance UID (0008,0018)")
+    return ScannedInstance(path, ds, ts, sop_class, sop_instance)
+
+
+def _uid_of(ds: Dataset, tag: int) -> str:
+    """A UID element's value as text (an unconvertible value as its raw text), '' when absent."""
+    if tag not in ds:
+        return ""
+    try:
+        value = ds[tag].value
+    except Exception:  # noqa: BLE001 - an invalid value: its raw bytes
+        value = internals.raw_elements(ds)[tag].value
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("latin-1")
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0] if len(value) else ""
+    return str(value or "").strip("\0 ")
+
+
+def _read_stored(path: Path) -> tuple[Path, int, Dataset, FileMetaDataset, str]:
+    """(absolute path, size, dataset with bulk values deferred, file meta, transfer syntax) of a
+    stored Part-10 file; ``InvalidBody`` when it is not one, has no transfer syntax or is deflated."""
+    path = Path(path).resolve()
+    try:
+        size = path.stat().st_size
+        ds = dcmread(path, defer_size=BULK_THRESHOLD)
+    except FileNotFoundError:
+        raise InvalidBody(f"DICOM file {path} does not exist") from None
+    except Exception as exc:  # pydicom raises many kinds of errors for bad data
+        raise InvalidBody(f"{path} is not a DICOM file that can be parsed: {exc}") from None
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    ts = str(meta.get("TransferSyntaxUID", "") or "")
+    if not ts:
+        raise InvalidBody(f"{path} has no Transfer Syntax UID (0002,0010) in its file meta")
+    if ts == DeflatedExplicitVRLittleEndian:
+        raise InvalidBody(
+            f"{path} is deflated; bulk data cannot point into a deflated stream "
+            "(inflate it first, e.g. with inflate_part10)"
+        )
+    return path, size, ds, meta, ts
 
 
 class _EncodingMismatch(Exception):

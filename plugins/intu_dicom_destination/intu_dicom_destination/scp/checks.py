@@ -16,7 +16,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from intu_dicom_destination.body import InvalidBody, parse_bulk_uri
+from intu_dicom_destination.body import InvalidBody, ScannedInstance, parse_bulk_uri
 
 VERIFICATION = "1.2.840.10008.1.1"
 #: Every storage SOP class of the standard, retired ones included, lives under this root.
@@ -77,13 +77,27 @@ def _int(dataset: dict[str, Any], key: str, default: int | None = None) -> int |
     return default
 
 
+# The elements the checks read: a model of these only (not of the whole dataset) is built.
+_CHECKED = (
+    "00080016",  # SOP Class UID
+    "00080018",  # SOP Instance UID
+    "00280002",  # Samples per Pixel
+    "00280004",  # Photometric Interpretation
+    "00280008",  # Number of Frames
+    "00280010",  # Rows
+    "00280011",  # Columns
+    "00280100",  # Bits Allocated
+    "7FE00010",  # Pixel Data
+)
+
+
 def check_body(
-    body: dict[str, Any], sop_class: str, sop_instance: str, transfer_syntax: str
+    scan: ScannedInstance, sop_class: str, sop_instance: str, transfer_syntax: str
 ) -> Refusal | None:
     """The received dataset against its command and transfer syntax."""
-    dataset = body.get("dataset") or {}
-    if not any(not key.startswith("0002") for key in dataset):
+    if not scan.has_dataset():
         return Refusal(STATUS_CANNOT_UNDERSTAND, "empty dataset (nothing but file meta)")
+    dataset = scan.model_of(_CHECKED)
     for key, name, expected in (
         ("00080016", "SOP Class UID", sop_class),
         ("00080018", "SOP Instance UID", sop_instance),

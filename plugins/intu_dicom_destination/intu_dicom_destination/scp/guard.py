@@ -114,6 +114,10 @@ class Connection:
             internals.end_unassociated(self.assoc)
 
 
+# The first allocation for a PDU's body (a larger one grows as its bytes arrive).
+_READ_BUFFER = 1024 * 1024
+
+
 class _GuardedIO:
     """Replaces ``recv``/``send`` of one ``AssociationSocket`` (only its DUL thread calls them):
     deadlines per PDU and per write, and the PDU length check."""
@@ -146,25 +150,32 @@ class _GuardedIO:
         return self._read(nr_bytes)
 
     def _read(self, nr_bytes: int) -> bytearray:
+        # Into one buffer (no chunk objects to allocate and concatenate on the hot path), grown
+        # only as bytes arrive: a header that announces 4 GB costs nothing until they come.
         sock = self._asock.socket
-        data = bytearray()
-        while len(data) < nr_bytes:
+        data = bytearray(min(nr_bytes, _READ_BUFFER))
+        got = 0
+        while got < nr_bytes:
+            if got == len(data):
+                data.extend(bytes(min(nr_bytes - got, len(data))))
             left = self._deadline - time.monotonic()
             if left <= 0:
                 self._conn.note(f"no complete PDU within {self._read_timeout:g} s")
                 raise TimeoutError("read timeout")
             sock.settimeout(left)
             try:
-                chunk = sock.recv(min(nr_bytes - len(data), 65536))
+                with memoryview(data) as view:
+                    n = sock.recv_into(view[got:])
             except TimeoutError:
                 self._conn.note(f"no complete PDU within {self._read_timeout:g} s")
                 raise
-            if not chunk:
+            if not n:
                 self._conn.peer_closed = True
-                if data:
+                if got:
                     self._conn.note("connection closed in the middle of a PDU")
-                return data
-            data += chunk
+                break
+            got += n
+        del data[got:]
         return data
 
     def send(self, bytestream: bytes) -> None:

@@ -3,10 +3,10 @@
 Each received instance is streamed by pynetdicom to a temporary Part-10 file, moved (or copied,
 chunk by chunk) into the channel's spool folder (``Runtime.spool_dir``:
 ``<data_dir>/spool/<channel>``), fsynced with its directory, turned into a message body
-(``body_from_file``: JSON model + bulk-data references, no pixel decoding) and handed to the
-engine. The engine owns the file from then on (``Message.files``); at start it deletes files in
-the spool folder that no queued message refers to. The C-STORE status tells the sender what the
-engine did:
+(a ``DicomBody``: checked by ``scan_file``, its JSON model with bulk-data references built only
+when a filter or transformer reads it) and handed to the engine. The engine owns the file from
+then on (``Message.files``); at start it deletes files in the spool folder that no queued
+message refers to. The C-STORE status tells the sender what the engine did:
 
 =====================================  ==========================================
 engine / receiver outcome              C-STORE status
@@ -63,7 +63,7 @@ from pynetdicom.sop_class import Verification, register_uid, uid_to_service_clas
 
 from intu_core import Acceptance, AcceptanceStatus, DeliverCallback, Message, Runtime, SourceType
 from intu_dicom_destination import internals
-from intu_dicom_destination.body import InvalidBody, body_from_file
+from intu_dicom_destination.body import InvalidBody, scan_file
 from intu_dicom_destination.scp.checks import Refusal, check_body, check_request, is_storage_like
 from intu_dicom_destination.scp.guard import Guard, GuardedServer
 from intu_dicom_destination.scp.persist import InflateLimit, persist
@@ -183,6 +183,7 @@ class DicomSource:
         self.received_dir = runtime.spool_dir
         self._deliver: DeliverCallback | None = None
         self._server: Any = None
+        self._accept_thread: threading.Thread | None = None
         self._guard: Guard | None = None
         # Where pynetdicom writes datasets being received: under the data folder (its disk guard),
         # outside the engine's spool folder, emptied at start.
@@ -201,6 +202,11 @@ class DicomSource:
             ["channel", "result"],
         )
         self._associations_accepted = associations.labels(channel, "accepted")
+        metrics.gauge(
+            "intu_dicom_scp_open_associations",
+            "Associations a DICOM source has accepted and not yet ended",
+            ["channel"],
+        ).labels(channel).set_function(lambda: self._guard.admitted() if self._guard is not None else 0)
         self._associations_rejected = associations.labels(channel, "rejected")
 
     @property
@@ -209,6 +215,13 @@ class DicomSource:
         if self._server is None:
             return self.settings.port
         return int(self._server.server_address[1])
+
+    def listening(self) -> bool:
+        """Whether the listener is bound and its accept thread runs (``EngineView.ready()``)."""
+        server, thread = self._server, self._accept_thread
+        if server is None or thread is None:
+            return False
+        return thread.is_alive() and server.socket.fileno() != -1
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, deliver: DeliverCallback) -> None:
@@ -257,9 +270,10 @@ class DicomSource:
         guard.start()
         self._guard = guard
         self._server = server
-        threading.Thread(
+        self._accept_thread = threading.Thread(
             target=server.serve_forever, name=f"intu-dicom-accept-{self.runtime.name}", daemon=True
-        ).start()
+        )
+        self._accept_thread.start()
         self.logger.info(
             "DICOM source %s listening on %s:%d as %s%s",
             self.runtime.name,
@@ -438,20 +452,21 @@ class DicomSource:
             return _status(STATUS_PROCESSING_FAILURE, f"cannot store instance: {type(exc).__name__}")
 
         try:
-            body = body_from_file(path)
+            # Checked as body_from_file would, but its JSON model is built only if a stage reads it.
+            scan = scan_file(path)
+            refusal = check_body(scan, sop_class, sop_instance, transfer_syntax)
         except InvalidBody as exc:
             path.unlink(missing_ok=True)
             self.logger.error(
                 "DICOM source %s: cannot parse %s from %s: %s: answered 0xC000", name, sop_instance, who, exc
             )
             return _status(STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed")
-        refusal = check_body(body, sop_class, sop_instance, transfer_syntax)
         if refusal is not None:
             path.unlink(missing_ok=True)
             return self._refuse(refusal, sop_instance, who)
 
         message = Message(
-            body=body,
+            body=scan.body(),
             channel=name,
             metadata={
                 "dicom": {
@@ -462,7 +477,9 @@ class DicomSource:
                     "transfer_syntax_uid": transfer_syntax,
                     "sop_class_uid": sop_class,
                     "sop_instance_uid": sop_instance,
-                }
+                },
+                # What the message history keeps and searches by (intu_core.history).
+                "history": {"source": who, **scan.history_fields()},
             },
             files=(str(path),),
         )

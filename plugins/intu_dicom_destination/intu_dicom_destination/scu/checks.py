@@ -19,10 +19,13 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from intu_dicom_destination import internals
+
 _PIXEL_DATA = 0x7FE00010
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xE000FFFE  # (FFFE,E000) read as a little-endian 32-bit number: group low, element high
 _SEQUENCE_DELIMITER = 0xE0DDFFFE
+_DEFER = 4096  # bytes: values larger than this are not read by the check
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,14 @@ def check_local_file(path: Path) -> LocalInstance | Refused:
     """Read ``path`` once and say whether it can be sent as it is (never raises for a bad file)."""
     try:
         size = path.stat().st_size
-        ds = dcmread(path)
+        # Large values are not read (their extent is checked against the file's size instead):
+        # reading 512 KiB of pixel data only to check it is there was ~1 ms of `intu dicom send`'s
+        # CPU per instance. Encapsulated pixel data is read whole (its fragments are checked), and
+        # so is a deflated dataset (its offsets are in the inflated stream, not the file).
+        ds = dcmread(path, defer_size=_DEFER)
+        syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "") or ""))
+        if syntax.is_encapsulated or syntax.is_deflated:
+            ds = dcmread(path)
     except InvalidDicomError as exc:
         return Refused(f"not a DICOM Part-10 file ({exc})", not_dicom=True)
     except OSError as exc:
@@ -58,9 +68,10 @@ def check_local_file(path: Path) -> LocalInstance | Refused:
     ts = meta.get("TransferSyntaxUID")
     if ts is None:
         return Refused("not a DICOM Part-10 file (no file meta with a Transfer Syntax UID)", not_dicom=True)
-    for elem in ds.elements():
+    for elem in internals.raw_elements(ds).values():  # as read: ds.elements() would read deferred values
         if isinstance(elem, RawDataElement) and elem.length != _UNDEFINED:
-            got = len(elem.value or b"")
+            deferred = elem.value is None and elem.length > _DEFER
+            got = min(elem.length, size - elem.value_tell) if deferred else len(elem.value or b"")
             if got < elem.length:
                 return Refused(
                     f"truncated: element {elem.tag} has {got} of its {elem.length} bytes "

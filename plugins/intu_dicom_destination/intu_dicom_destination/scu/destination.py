@@ -30,6 +30,11 @@ class DicomDestination:
         self._bytes_sent = runtime.metrics.counter(
             "intu_bytes_sent_total", "Bytes of instances a destination delivered", ["destination"]
         ).labels(runtime.name)
+        runtime.metrics.gauge(
+            "intu_dicom_scu_open_associations",
+            "Associations a DICOM destination holds open (idle or sending) now",
+            ["destination"],
+        ).labels(runtime.name).set_function(lambda: self.sender.open_associations)
 
     def _remove_leftovers(self) -> None:
         """Delete the temporary files a crash left in the work folder.
@@ -88,6 +93,26 @@ class DicomDestination:
     def echo(self) -> EchoResult:
         """C-ECHO the peer on a separate association."""
         return self.sender.echo()
+
+    def probe(self) -> SendResult:
+        """Whether the peer can be reached, by a C-ECHO (the delivery workers call it while the
+        destination is down, instead of sending each queued instance). Never raises.
+
+        Success when the association was accepted, even if the C-ECHO itself failed: the peer is
+        reachable and the next C-STORE says the rest. Unreachable (retryable) or permanent (the
+        peer rejects our AE title, or refuses Verification: the probe cannot tell) otherwise."""
+        try:
+            echo = self.sender.echo()
+        except Exception as exc:  # noqa: BLE001 - a probe that raises would stop probing
+            self.runtime.logger.debug("C-ECHO to %s raised", self.settings.address, exc_info=True)
+            return SendResult.unreachable(
+                f"C-ECHO to {self.settings.address} failed: {type(exc).__name__}: {exc}"
+            )
+        if echo.failure is not None:
+            return echo.failure
+        if echo.ok:
+            return SendResult.success(f"C-ECHO answered in {echo.round_trip_ms or 0:.0f} ms", code=0)
+        return SendResult.success(f"association accepted, but {echo.detail}", code=echo.status)
 
     def close(self) -> None:
         """Release the pooled associations."""

@@ -32,6 +32,7 @@ from intu_core import SendResult
 from intu_dicom_destination import internals
 from intu_dicom_destination.scu import statuses
 from intu_dicom_destination.scu.contexts import Key, choose_transfer_syntax, contexts_for
+from intu_dicom_destination.scu.direct import Died, DirectStore, NotDirect
 from intu_dicom_destination.scu.pool import BUSY_DUL_DELAY, NoAssociation, PooledAssociation
 from intu_dicom_destination.scu.settings import DestinationSettings
 from intu_dicom_destination.scu.transcode import TranscodeFailed, TranscodeWriteFailed, transcode_to
@@ -74,6 +75,7 @@ class EchoResult:
     implementation_class_uid: str = ""
     implementation_version_name: str = ""
     tls: bool = False
+    failure: SendResult | None = None  # why no association was had (unreachable or permanent)
 
 
 class Exchange:
@@ -210,6 +212,10 @@ class Exchange:
                 ), True
             send_path = temp
             info["transcoded_from"] = ts
+        if temp is None:
+            done = self._store_direct(pooled, path, key, data, info)
+            if done is not None:
+                return done
         try:
             started = time.monotonic()
             try:
@@ -243,6 +249,36 @@ class Exchange:
                 except OSError:
                     pass
 
+    def _store_direct(
+        self, pooled: PooledAssociation, path: Path, key: Key, data: dict[str, Any], info: dict[str, Any]
+    ) -> tuple[SendResult | None, bool] | None:
+        """The C-STORE through ``scu.direct`` (the stored bytes as they are, in this thread); None
+        when it declines (nothing sent: pynetdicom's way is used)."""
+        if pooled.direct is None:
+            pooled.direct = DirectStore(pooled.assoc)
+        sop, ts = key
+        try:
+            response = pooled.direct.store(
+                path, sop, str(data["sop_instance_uid"]), ts, self.settings.timeout_ms / 1000
+            )
+        except NotDirect:
+            return None
+        except Died as exc:
+            if exc.timeout:
+                return SendResult.retryable(
+                    f"no C-STORE response from {self.who()} within {self.settings.timeout_ms} ms; "
+                    "association aborted",
+                    data={**data, **info},
+                ), False
+            self.logger.debug("association #%d to %s: %s", pooled.number, self.settings.address, exc)
+            return None, False  # died under us: the sender tries once more on a fresh one
+        pooled.sends += 1
+        result = statuses.result_for_status(
+            response.status, response.comment, duplicate_is_success=self.settings.duplicate_is_success
+        )
+        merged = {**data, **info, **result.data}
+        return SendResult(result.status, result.detail, result.code, merged), True
+
     def echo(self) -> EchoResult:
         """C-ECHO on a separate association: round trip and what the peer negotiated."""
         t0 = time.perf_counter()
@@ -250,7 +286,7 @@ class Exchange:
         t1 = time.perf_counter()
         if not assoc.is_established:
             failure = association_failure(assoc, self.settings, self.ssl is not None, self.who())
-            return EchoResult(False, failure.detail, our_ae_title=self.settings.ae_title)
+            return EchoResult(False, failure.detail, our_ae_title=self.settings.ae_title, failure=failure)
         try:
             status = assoc.send_c_echo()
             t2 = time.perf_counter()
@@ -287,7 +323,9 @@ def association_failure(
 ) -> SendResult:
     """Why ``assoc`` was not established, as a result: rejected (and whether for now), no
     presentation context accepted (the peer does not store ``key``'s SOP class), a TLS problem and
-    what to do, refused or timed out, aborted during negotiation."""
+    what to do, refused or timed out, aborted during negotiation. Every retryable one is
+    ``SendResult.unreachable``: the peer, not the instance, is the problem, so the delivery
+    workers mark the destination down and probe it with a C-ECHO instead of retrying each entry."""
     error = internals.take_connect_error(assoc)
     if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
         # The peer answered A-ASSOCIATE-AC rejecting every context: pynetdicom then aborts. The
@@ -305,28 +343,28 @@ def association_failure(
             f"title {settings.called_ae_title!r}, {settings.address}"
         )
         if transient:
-            return SendResult.retryable(detail, data={"association": "rejected-transient"})
+            return SendResult.unreachable(detail, data={"association": "rejected-transient"})
         hint = " - check that the PACS knows our AE title and the called AE title"
         return SendResult.permanent(detail + hint, data={"association": "rejected"})
     if isinstance(error, (ssl.SSLError, ssl.CertificateError)):
         retryable, text = describe_tls_error(error, settings.address)
-        return (SendResult.retryable if retryable else SendResult.permanent)(text)
+        return (SendResult.unreachable if retryable else SendResult.permanent)(text)
     if isinstance(error, BaseException):
         reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
         if isinstance(error, (TimeoutError, socket.timeout)):
             reason = f"timed out after {settings.timeout_ms} ms"
         if isinstance(error, (ConnectionResetError, EOFError)) and tls:
             retryable, text = describe_tls_error(error, settings.address)
-            return (SendResult.retryable if retryable else SendResult.permanent)(text)
-        return SendResult.retryable(f"cannot connect to {settings.address}: {reason}")
+            return (SendResult.unreachable if retryable else SendResult.permanent)(text)
+        return SendResult.unreachable(f"cannot connect to {settings.address}: {reason}")
     if isinstance(error, str):
-        return SendResult.retryable(f"cannot connect to {settings.address}: {error}")
+        return SendResult.unreachable(f"cannot connect to {settings.address}: {error}")
     if assoc.is_aborted:
-        return SendResult.retryable(
+        return SendResult.unreachable(
             f"association {who} was aborted by the peer during negotiation"
             + (" (TLS handshake problem?)" if tls else "")
         )
-    return SendResult.retryable(
+    return SendResult.unreachable(
         f"no association with {who}: no answer to the association request "
         f"within {settings.timeout_ms} ms or the connection was closed"
     )

@@ -49,6 +49,7 @@ class PooledAssociation:
     sends: int = 0
     last_used: float = field(default_factory=time.monotonic)
     deep_idle: bool = False  # its DUL polls slowly (DEEP_IDLE_AFTER)
+    direct: Any = None  # its scu.direct.DirectStore, made at the first C-STORE
 
 
 class NoAssociation(Exception):

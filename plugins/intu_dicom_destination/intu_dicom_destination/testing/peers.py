@@ -300,16 +300,17 @@ def start_storescp(
     fork: bool = True,
     extra: Sequence[str] = (),
     log: Path | None = None,
+    port: int | None = None,
 ) -> Peer:
-    """Start DCMTK storescp on a free loopback port storing into ``folder``.
+    """Start DCMTK storescp on a free loopback port (or ``port``) storing into ``folder``.
 
     ``fork``: one process per association, as a PACS serves several senders; ``ignore``: receive
     and discard; ``extra``: more storescp options (e.g. ``+B``, bit-preserving); ``tls``: the files
     of ``make_pki``; ``log``: where its output goes (keep it out of ``folder``, which holds only
-    what arrived)."""
+    what arrived); ``port``: a PACS that comes up where a destination already points."""
     exe = require_tool("storescp")
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = free_port() if port is None else port
     args = [exe, "--aetitle", ae_title, "--output-directory", str(folder)]
     if fork:
         args.append("--fork")
