@@ -53,6 +53,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1,
         help="route: concurrent storescu processes, each sending a share of the study (default 1)",
     )
+    p.add_argument(
+        "--http",
+        action="store_true",
+        help="route: intu serve with an http: block, polled as an open dashboard would be",
+    )
     p.add_argument("--skip-memory", action="store_true", help="skip the 1 GiB instance job")
     p.add_argument("--skip-orthanc", action="store_true", help="do not compare with Orthanc")
     p.add_argument("--idle-seconds", type=float, default=30.0, help="idle measurement window (default 30)")

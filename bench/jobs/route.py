@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,36 @@ from peers import ORTHANC_CLOSE_DELAY, SCP_AET, Peers, orthanc, orthanc_rest_for
 from study import Study
 
 
+class DashboardPoller(threading.Thread):
+    """What an open dashboard and a Prometheus scraper ask of ``intu serve`` (--http): the
+    destinations and /metrics every second, a message search every 2 s."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.base = f"http://127.0.0.1:{port}"
+        self.halt = threading.Event()
+        self.polls = 0
+
+    def run(self) -> None:
+        tick = 0
+        while not self.halt.wait(1.0):
+            paths = ["/api/v1/destinations", "/metrics"] + (["/api/v1/messages?limit=50"] if tick % 2 else [])
+            tick += 1
+            for path in paths:
+                try:
+                    with urllib.request.urlopen(self.base + path, timeout=5) as answer:
+                        answer.read()
+                    self.polls += 1
+                except OSError:
+                    pass  # not up yet, or stopping
+
+    def stop(self) -> int:
+        """Stop polling; how many requests were answered."""
+        self.halt.set()
+        self.join(10)
+        return self.polls
+
+
 def route_once(
     kind: str, args: argparse.Namespace, base: Path, study: Study, peers: Peers, run_no: int
 ) -> dict[str, Any]:
@@ -42,6 +74,7 @@ def route_once(
     middle: subprocess.Popen[bytes] | None = None  # intu serve or Orthanc
     res: dict[str, Any] = {}
     nodes: list[IntuProcess] = []
+    poller: DashboardPoller | None = None
     schema = f"bench_{uuid.uuid4().hex[:12]}" if kind.startswith("intu_pg") else None
     try:
         if kind.startswith("intu_pg"):
@@ -61,10 +94,17 @@ def route_once(
         elif kind == "intu":
             target_port, called = free_port(), INTU_SCP_AET
             project = write_route_project(base / tag, target_port, scp_port)
+            if args.http:
+                http_port = free_port()
+                with (project / "intu.yaml").open("a") as config:
+                    config.write(f"http:\n  listen: 127.0.0.1:{http_port}\n")
             if run_no == 0:
                 validate_project(project)
             serve = start_intu_serve(project, target_port, base / f"{tag}-intu")
             middle = serve.proc
+            if args.http:
+                poller = DashboardPoller(http_port)
+                poller.start()
         elif kind in ("orthanc", "orthanc_rest"):
             box = orthanc(base / tag, scp_port, lua=kind == "orthanc")
             middle, http_port, target_port, called = box.proc, box.http_port, box.port, box.ae_title
@@ -130,7 +170,11 @@ def route_once(
             res["log_tail"] = tail(base / f"{tag}-storescu.log", 8)
             if serve is not None:
                 res["intu_log_tail"] = tail(serve.logs[-1], 20)
+        if poller is not None:
+            res["http_polls"] = poller.stop()
     finally:
+        if poller is not None:
+            poller.stop()
         for node in nodes[1:]:
             stop_intu_serve(node)
         stop_intu_serve(serve)
@@ -161,6 +205,11 @@ def run(args: argparse.Namespace, base: Path, study: Study, peers: Peers, result
         log(out["skipped"])
         return
     out["senders"] = args.senders
+    if args.http:
+        out["notes"].append(
+            "--http: intu serve with an http: block, polled like an open dashboard plus a Prometheus"
+            " scraper (destinations and /metrics every second, a message search every 2 s)"
+        )
     if args.senders > 1:
         out["notes"].append(
             f"{args.senders} storescu processes send at the same time, each a share of the study"
