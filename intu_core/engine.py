@@ -408,7 +408,7 @@ class Engine:
                 channel.logger.info("message %s filtered by %s", message.id, by, extra=fields)
                 self._release(message.files)
                 return Acceptance(AcceptanceStatus.FILTERED)
-            return self._hand_over(channel, message, result.outputs, result.dropped)
+            return self._hand_over(channel, message, result.outputs, result.dropped, result.transformed)
         except OSError as exc:  # the disk filled up under us: refuse, keep nothing half-written
             channel.logger.error("message %s refused: cannot store it: %s", message.id, exc, extra=fields)
             self._release(message.files)
@@ -442,12 +442,18 @@ class Engine:
         message: Message,
         outputs: list[tuple[str, Message]],
         dropped: list[tuple[str, str]] | None = None,
+        transformed: list[tuple[str, str]] | None = None,
     ) -> Acceptance:
         assert self.store is not None
-        # History written with the enqueue (one commit): destinations a filter dropped it for,
-        # sends to unqueued destinations.
+        # History written with the enqueue (one commit): transformers that ran, destinations a
+        # filter dropped it for, sends to unqueued destinations.
+        now = time.time()
         events = [
-            Event(message.id, time.time(), EventKind.FILTERED, dest, detail=stage)
+            Event(message.id, now, EventKind.TRANSFORMED, dest, detail=stage)
+            for dest, stage in transformed or ()
+        ]
+        events += [
+            Event(message.id, now, EventKind.FILTERED, dest, detail=stage)
             for dest, stage in dropped or ()
             if dest
         ]

@@ -56,6 +56,7 @@ class EventKind(enum.StrEnum):
 
     RECEIVED = "received"  # a source handed it to the engine
     FILTERED = "filtered"  # a filter dropped it (destination "": all of it; else that destination)
+    TRANSFORMED = "transformed"  # a transformer ran on it (destination "": the channel's; else that one's)
     ERRORED = "errored"  # a stage raised: kept as an errored entry with the traceback
     QUEUED = "queued"  # durably queued for a destination
     SENT = "sent"  # delivered to an unqueued destination, from the pipeline

@@ -98,6 +98,8 @@ class PipelineResult:
     # Which stage dropped the message, as (destination, stage): destination "" for the whole of
     # it, else the one destination a destination stage dropped it for (the message history).
     dropped: list[tuple[str, str]] = field(default_factory=list)
+    # Which transformers ran on it, as (destination, stage), likewise (the message history).
+    transformed: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def filtered(self) -> bool:
@@ -123,13 +125,16 @@ class Pipeline:
 
     def run(self, message: Message) -> PipelineResult:
         ctx = Context(self.logger, self.channel, message.id, stage="source")
+        transformed: list[tuple[str, str]] = []
         try:
             current: Message | None = message
             for stage in (self.source_filter, self.transformer):
                 if stage is not None and current is not None:
                     current = stage.run(current, ctx)
                     if current is None:
-                        return PipelineResult(dropped=[("", stage.name)])
+                        return PipelineResult(dropped=[("", stage.name)], transformed=transformed)
+                    if stage.kind == "transform":
+                        transformed.append(("", stage.name))
             if current is None:
                 return PipelineResult()
             outputs = []
@@ -142,8 +147,10 @@ class Pipeline:
                         out = stage.run(out, dest_ctx)
                         if out is None:
                             dropped.append((dest.name, stage.name))
+                        elif stage.kind == "transform":
+                            transformed.append((dest.name, stage.name))
                 if out is not None:
                     outputs.append((dest.name, out))
-            return PipelineResult(outputs, dropped=dropped)
+            return PipelineResult(outputs, dropped=dropped, transformed=transformed)
         except StageError as err:
             return PipelineResult(error=err)

@@ -152,12 +152,14 @@ def test_every_event_kind_through_the_engine(tmp_path: Path) -> None:
         journey = wait_for(engine, late.id, lambda j: j.message.status == "delivered")
         assert kinds(journey) == [
             ("received", ""),
+            ("transformed", ""),
             ("sent", "audit"),
             ("queued", "pacs"),
             ("attempt", "pacs"),
             ("delivered", "pacs"),
         ]
-        attempt, delivered = journey.events[3], journey.events[4]
+        assert journey.events[1].detail == "transformer.py:transform"
+        attempt, delivered = journey.events[4], journey.events[5]
         assert (attempt.attempt, attempt.status, attempt.code, attempt.detail) == (
             1,
             "retryable",
@@ -198,8 +200,13 @@ def test_a_destination_filter_that_drops_one_destination_is_recorded(tmp_path: P
         m = instance("A1")
         assert engine_deliver(engine, "router", m).status is AcceptanceStatus.ACCEPTED
         journey = wait_for(engine, m.id, lambda j: j.message.status == "delivered")
-    assert kinds(journey)[:3] == [("received", ""), ("filtered", "audit"), ("queued", "pacs")]
-    assert journey.events[1].detail == "audit_filter.py:filter"
+    assert kinds(journey)[:4] == [
+        ("received", ""),
+        ("transformed", ""),
+        ("filtered", "audit"),
+        ("queued", "pacs"),
+    ]
+    assert journey.events[2].detail == "audit_filter.py:filter"
     assert journey.message.destinations == {"pacs": "delivered"}
 
 

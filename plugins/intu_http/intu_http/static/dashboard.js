@@ -10,7 +10,7 @@ const CHART_POINTS = 150; // 5 minutes of 2 s samples
 const TOKEN_KEY = "intu.operator-token";
 // Everything a badge may say: record statuses, event kinds, destination and channel states.
 const BADGES = new Set([
-  "received", "filtered", "errored", "queued", "sent", "attempt", "delivered", "dead", "partial",
+  "received", "filtered", "transformed", "errored", "queued", "sent", "attempt", "delivered", "dead", "partial",
   "retried", "purged", "up", "down", "running", "stopped", "starting", "stopping", "listening",
   "not listening",
 ]);
