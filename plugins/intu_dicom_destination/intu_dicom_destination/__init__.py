@@ -71,7 +71,8 @@ def intu_message_from_file(source_type: str, path: Path, channel: str) -> Messag
 def intu_write_message_file(message: Message, directory: Path) -> Path | None:
     """Write a DICOM body as ``<SOPInstanceUID>.dcm`` (a Part-10 file) for the `file` destination."""
     body = message.body
-    if not (isinstance(body, dict) and "dataset" in body and "sop_instance_uid" in body):
+    # A body with its model, or one no stage read (a DicomBody: the stored file and its UIDs).
+    if not (isinstance(body, dict) and ("dataset" in body or "file" in body) and "sop_instance_uid" in body):
         return None
     from intu_dicom_destination.body import write_part10_from_body
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import intu_dicom_destination
-from intu_dicom_destination.body import body_from_file
+import pytest
+from intu_dicom_destination.body import body_from_file, scan_file
 from intu_dicom_destination.testing import write_ct_series
 from pydicom import dcmread
 
 from intu_core.message import Message
 
 
-def test_a_dicom_body_is_archived_as_uid_dcm(tmp_path):
+@pytest.mark.parametrize("read", [body_from_file, lambda path: scan_file(path).body()])
+def test_a_dicom_body_is_archived_as_uid_dcm(tmp_path, read):
+    """With its model, and as the source hands it over when no stage reads it (no model)."""
     (original,) = write_ct_series(tmp_path / "in", 1, size_kib=16)
-    body = body_from_file(original)
+    body = read(original)
     path = intu_dicom_destination.intu_write_message_file(Message(body=body), tmp_path / "archive")
     assert path == tmp_path / "archive" / f"{body['sop_instance_uid']}.dcm"
     assert path.read_bytes() == original.read_bytes()  # unchanged: the stored bytes, untouched
