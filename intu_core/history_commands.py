@@ -14,14 +14,12 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import click
 
-from intu_core.config.problems import ConfigError
+from intu_core.commandkit import one_line, open_store, print_table
 from intu_core.history import (
     STATUSES,
     Event,
@@ -30,8 +28,6 @@ from intu_core.history import (
     MessageRecord,
     destination_summaries,
 )
-from intu_core.queue import QueueNotFound, QueueStore, QueueUnavailable
-from intu_core.queue.opener import open_queue
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -65,30 +61,6 @@ class _When(click.ParamType):
             return parse_when(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
-
-
-@contextmanager
-def _open_store(ctx: click.Context, must_exist: bool) -> Iterator[QueueStore | None]:
-    """The project's queue (where the history is), or None when there is none yet and
-    ``must_exist`` is False."""
-    try:
-        store = open_queue(ctx.obj.project(), ctx.obj.registry(), create=False)
-    except ConfigError as err:
-        click.echo(err.report(), err=True)
-        ctx.exit(2)
-    except QueueNotFound as exc:
-        if must_exist:
-            raise click.ClickException(f"{exc}: no message was received yet") from None
-        yield None
-        return
-    except QueueUnavailable as exc:
-        raise click.ClickException(f"cannot open the queue: {exc}") from None
-    try:
-        yield store
-    except QueueUnavailable as exc:
-        raise click.ClickException(f"cannot read the message history right now: {exc}") from None
-    finally:
-        store.close()
 
 
 @click.group(invoke_without_command=True)
@@ -139,7 +111,7 @@ def messages(
         until=until,
         limit=limit,
     )
-    with _open_store(ctx, must_exist=False) as store:
+    with open_store(ctx, must_exist=False, using="read the message history") as store:
         found: list[Journey] = []
         if store is not None:
             for record in store.find_messages(query):
@@ -168,7 +140,7 @@ def messages(
         )
         for j in found
     ]
-    _print_table(header, rows)
+    print_table(header, rows)
 
 
 @messages.command("show")
@@ -177,7 +149,9 @@ def messages(
 @click.pass_context
 def show_command(ctx: click.Context, message_id: str, as_json: bool) -> None:
     """One message's journey: where it came from, its identifiers and tags, every event."""
-    with _open_store(ctx, must_exist=True) as store:
+    with open_store(
+        ctx, must_exist=True, missing=": no message was received yet", using="read the message history"
+    ) as store:
         assert store is not None
         journey = store.journey(message_id)
     if journey is None:
@@ -211,11 +185,11 @@ def show_command(ctx: click.Context, message_id: str, as_json: bool) -> None:
             "" if e.attempt is None else str(e.attempt),
             e.status,
             _code(e.code),
-            _one_line(e.detail, 90),
+            one_line(e.detail, 90, traceback_last=False),  # "stage: summary" comes first
         )
         for e in journey.events
     ]
-    _print_table(("AT", "EVENT", "DESTINATION", "ATTEMPT", "STATUS", "CODE", "DETAIL"), rows)
+    print_table(("AT", "EVENT", "DESTINATION", "ATTEMPT", "STATUS", "CODE", "DETAIL"), rows)
     if journey.entries:
         click.echo("")
         click.echo(
@@ -300,18 +274,6 @@ def _iso(ts: float) -> str:
 
 def _local(ts: float) -> str:
     return datetime.fromtimestamp(ts).astimezone().isoformat(sep=" ", timespec="seconds")
-
-
-def _one_line(text: str, width: int) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    line = lines[0] if lines else ""  # an error's summary: its traceback follows
-    return line if len(line) <= width else line[: width - 1] + "…"
-
-
-def _print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 __all__ = ["event_json", "journey_json", "messages", "parse_when", "record_json"]

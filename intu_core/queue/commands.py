@@ -23,6 +23,7 @@ from typing import Any
 
 import click
 
+from intu_core.commandkit import one_line, open_store, print_table
 from intu_core.config.problems import ConfigError
 from intu_core.queue import Entry, EntryState, QueueNotFound, QueueStats, QueueStore, QueueUnavailable
 from intu_core.queue.opener import open_queue
@@ -33,29 +34,6 @@ ENGINE_LOCK = "engine.lock"
 
 _STATES = [s.value for s in EntryState]
 _PURGEABLE = [s.value for s in EntryState if s is not EntryState.IN_FLIGHT]
-
-
-@contextmanager
-def _open_store(ctx: click.Context, must_exist: bool = True) -> Iterator[QueueStore | None]:
-    """The project's queue, or None when there is none yet and ``must_exist`` is False."""
-    try:
-        store = open_queue(ctx.obj.project(), ctx.obj.registry(), create=False)
-    except ConfigError as err:
-        click.echo(err.report(), err=True)
-        ctx.exit(2)
-    except QueueNotFound as exc:
-        if must_exist:
-            raise click.ClickException(str(exc)) from None
-        yield None
-        return
-    except QueueUnavailable as exc:
-        raise click.ClickException(f"cannot open the queue: {exc}") from None
-    try:
-        yield store
-    except QueueUnavailable as exc:  # e.g. the engine held the write lock past the busy timeout
-        raise click.ClickException(f"cannot use the queue right now: {exc}") from None
-    finally:
-        store.close()
 
 
 def _queue_option(fn: Any) -> Any:
@@ -84,7 +62,7 @@ def list_command(
     ctx: click.Context, queue_name: str | None, state: str | None, limit: int, as_json: bool
 ) -> None:
     """Per queue: pending, in flight, dead, errored, oldest age. With --state: the entries."""
-    with _open_store(ctx, must_exist=False) as store:
+    with open_store(ctx, must_exist=False) as store:
         if state is None:
             stats = store.stats() if store is not None else []
             if queue_name is not None:
@@ -115,7 +93,7 @@ def _print_stats(stats: list[QueueStats], as_json: bool) -> None:
         )
         for s in stats
     ]
-    _print_table(header, rows)
+    print_table(header, rows)
 
 
 def _print_entries(entries: list[Entry], as_json: bool) -> None:
@@ -126,8 +104,8 @@ def _print_entries(entries: list[Entry], as_json: bool) -> None:
         click.echo("no entries")
         return
     header = ("ID", "QUEUE", "STATE", "ATTEMPTS", "LAST ERROR")
-    rows = [(e.id, e.queue, e.state.value, str(e.attempts), _one_line(e.last_error, 80)) for e in entries]
-    _print_table(header, rows)
+    rows = [(e.id, e.queue, e.state.value, str(e.attempts), one_line(e.last_error, 80)) for e in entries]
+    print_table(header, rows)
 
 
 @queue.command("show")
@@ -136,7 +114,7 @@ def _print_entries(entries: list[Entry], as_json: bool) -> None:
 @click.pass_context
 def show_command(ctx: click.Context, entry_id: str, full_body: bool) -> None:
     """One entry as JSON: state, attempt history, message metadata and a body summary."""
-    with _open_store(ctx) as store:
+    with open_store(ctx) as store:
         assert store is not None
         entry = store.get(entry_id)
     if entry is None:
@@ -161,7 +139,7 @@ def retry_command(
     """
     if not entry_ids and queue_name is None and not all_dead and not all_errored:
         raise click.UsageError("name entry IDs, or --destination NAME, or --all-dead, or --all-errored")
-    with _open_store(ctx) as store:
+    with open_store(ctx) as store:
         assert store is not None
         if entry_ids:
             _require_known(store, entry_ids)
@@ -198,7 +176,7 @@ def purge_command(
     """Delete entries for good, with their files (never entries being sent right now)."""
     if not entry_ids and queue_name is None and state is None:
         raise click.UsageError("name entry IDs, or --destination NAME, or --state STATE")
-    with _open_store(ctx) as store:
+    with open_store(ctx) as store:
         assert store is not None
         if entry_ids:
             _require_known(store, entry_ids)
@@ -313,16 +291,6 @@ def _engine_lock(data_dir: Path) -> Iterator[bool]:
 
 
 # -- formatting ----------------------------------------------------------------------------
-def _print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        cells = [
-            cell.ljust(w) if i == 0 or not cell.isdigit() else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        click.echo("  ".join(cells).rstrip())
-
-
 def _age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -334,13 +302,6 @@ def _age(seconds: float | None) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _one_line(text: str, width: int) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    # For a traceback the last line says what went wrong.
-    line = (lines[-1] if text.startswith("Traceback") or "\nTraceback" in text else lines[0]) if lines else ""
-    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def _when(ts: float) -> str:
