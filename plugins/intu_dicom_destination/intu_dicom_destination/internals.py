@@ -142,6 +142,10 @@ def require_pynetdicom() -> None:
 
     # The acceptor side (DICOM source guard).
     needed["RequestHandler._create_association"] = getattr(RequestHandler, "_create_association", None)
+    # The data phase in the association's thread (run_data_phase).
+    needed["Association._run_reactor"] = getattr(assoc, "_run_reactor", None)
+    needed["DULServiceProvider.state_machine"] = getattr(assoc.dul, "state_machine", None)
+    needed["DULServiceProvider.event_queue"] = getattr(assoc.dul, "event_queue", None)
     needed["ApplicationEntity._servers"] = getattr(AE(), "_servers", None)
     needed["dimse_messages.NamedTemporaryFile"] = getattr(dimse_messages, "NamedTemporaryFile", None)
     needed["DIMSEServiceProvider.message"] = "message" in vars(assoc.dimse) or None
@@ -312,13 +316,9 @@ def healthy(assoc: Any) -> bool:
 # -- pynetdicom: the DUL thread --------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def hold_transport(assoc: Any) -> Iterator[socket.socket]:
-    """The socket of an established association, with its DUL thread kept off it meanwhile: the
-    DUL's "is there an incoming PDU" step (``_is_transport_event``) is skipped while held, so
-    that the caller reads and writes PDUs itself (``scu.direct``). On exit the socket's timeout
-    is put back and the DUL's idle timer restarted (the exchange was activity)."""
-    dul = assoc.dul
+def _transport_lock(dul: Any) -> threading.Lock:
+    """The lock that keeps ``dul``'s thread from reading the socket while someone holds it: its
+    "is there an incoming PDU" step (``_is_transport_event``) is skipped while the lock is taken."""
     lock = getattr(dul, "_intu_transport_lock", None)
     if lock is None:
         lock = threading.Lock()
@@ -334,6 +334,17 @@ def hold_transport(assoc: Any) -> Iterator[socket.socket]:
 
         dul._intu_transport_lock = lock
         dul._is_transport_event = gated
+    return lock
+
+
+@contextlib.contextmanager
+def hold_transport(assoc: Any) -> Iterator[socket.socket]:
+    """The socket of an established association, with its DUL thread kept off it meanwhile: the
+    DUL's "is there an incoming PDU" step (``_is_transport_event``) is skipped while held, so
+    that the caller reads and writes PDUs itself (``scu.direct``). On exit the socket's timeout
+    is put back and the DUL's idle timer restarted (the exchange was activity)."""
+    dul = assoc.dul
+    lock = _transport_lock(dul)
     sock = dul.socket.socket if dul.socket is not None else None
     if sock is None:
         raise ConnectionError("the association has no socket")
@@ -426,6 +437,69 @@ def reject_for_limit(assoc: Any) -> None:
     the acceptor closes the socket first); pynetdicom then skips negotiation."""
     assoc.acse.send_reject(0x02, 0x03, 0x02)
     assoc.kill()
+
+
+def run_data_phase(assoc: Any, serve: Any) -> None:
+    """From an EVT_ACCEPTED handler: the data phase of this acceptor association runs as
+    ``serve(sock) -> released`` in the association's own thread, instead of pynetdicom's reactor
+    and DUL threads (``scp.direct``).
+
+    The DUL thread is kept off the socket at once (so that it cannot read the peer's first P-DATA),
+    and stopped once the A-ASSOCIATE-AC is on the wire. ``serve`` returns True when it answered an
+    A-RELEASE-RQ, False when the association was aborted or its connection ended; the association's
+    flags and pynetdicom's EVT_RELEASED or EVT_ABORTED follow, as its reactor would do them. If the
+    DUL read anything before it was stopped (a peer that did not wait for our accept), pynetdicom's
+    reactor serves the association as usual."""
+    reactor = assoc._run_reactor
+
+    def take_over() -> None:
+        from pynetdicom import evt
+
+        dul = assoc.dul
+        lock = _transport_lock(dul)
+        if not lock.acquire(timeout=5):
+            reactor()
+            return
+        released = False
+        try:
+            deadline = time.monotonic() + 5
+            while not _accept_sent(dul) and dul.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.0002)
+            quiet = (
+                _accept_sent(dul)
+                and dul.to_user_queue.empty()
+                and assoc.dimse.message is None
+                and assoc.dimse.msg_queue.empty()
+            )
+            if quiet:
+                dul.kill_dul()
+                dul.join(2)
+                sock = dul.socket.socket if dul.socket is not None else None
+                released = bool(serve(sock)) if sock is not None else False
+        finally:
+            lock.release()
+        if not quiet:
+            reactor()
+            return
+        assoc.is_established = False
+        if released:
+            assoc.is_released = True
+            evt.trigger(assoc, evt.EVT_RELEASED, {})
+        else:
+            assoc.is_aborted = True
+            evt.trigger(assoc, evt.EVT_ABORTED, {})
+        assoc.kill()
+
+    assoc._run_reactor = take_over
+
+
+def _accept_sent(dul: Any) -> bool:
+    """The DUL thread has written the A-ASSOCIATE-AC: state Sta6 (established), nothing queued."""
+    return bool(
+        dul.state_machine.current_state == "Sta6"
+        and dul.to_provider_queue.empty()
+        and dul.event_queue.empty()
+    )
 
 
 def contain_dul_errors(assoc: Any, on_error: Any) -> None:

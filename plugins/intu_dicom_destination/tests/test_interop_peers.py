@@ -111,13 +111,13 @@ def test_implementation_sends_into_the_dicom_source(name, source, engine, ct_fil
 @pytest.mark.parametrize("name", NAMES)
 def test_implementation_echoes_the_dicom_source(name, source, monkeypatch):
     echoes: list[str] = []
-    answer = DicomSource._on_echo
+    answer = DicomSource._answer_echo
 
-    def counted(self: DicomSource, event: Any) -> int:
-        echoes.append(str(event.assoc.requestor.ae_title))
-        return answer(self, event)
+    def counted(self: DicomSource, origin: Any) -> int:
+        echoes.append(origin.calling_ae_title)
+        return answer(self, origin)
 
-    monkeypatch.setattr(DicomSource, "_on_echo", counted)  # before start: the handler is bound then
+    monkeypatch.setattr(DicomSource, "_answer_echo", counted)
     src = source()
     done = run(IMPLEMENTATIONS[name].echo_command(src.port, "INTU_SCP", f"{name.upper()}_SCU"))
     text = done.stdout + done.stderr

@@ -72,6 +72,7 @@ class Connection:
         self.closing = False  # we closed it (a deadline, a limit): no longer counted as pending
         self.pdu_started = 0.0  # when the header of the PDU being read arrived
         self.message_started = 0.0  # when the first PDU of the DIMSE message in progress arrived
+        self.in_message = False  # the data phase (scp.direct) is in the middle of a DIMSE message
         self.reason: str | None = None  # why it ended badly: the first cause wins
         self.temp_files: list[Path] = []
 
@@ -374,6 +375,11 @@ class Guard:
         internals.guard_dimse_receive(assoc, check)
         internals.contain_dul_errors(assoc, lambda exc: conn.close(f"protocol error: {exc}"))
 
+    def connection_of(self, assoc: Any) -> Connection | None:
+        """The connection ``assoc`` was bound to."""
+        with _by_assoc_lock:
+            return _by_assoc.get(assoc)
+
     def receive_file_opened(self, path: str) -> None:
         """A dataset's temporary file was created by the current DUL thread."""
         conn = _current_connection()
@@ -445,7 +451,7 @@ class Guard:
                 elif conn.peer_closed or (assoc.dul.ident is not None and not assoc.dul.is_alive()):
                     # (a DUL thread not started yet is not alive either: only an ended one counts)
                     internals.end_unassociated(assoc)  # closed before a request: free its thread now
-            elif not conn.closing and internals.dimse_message_in_progress(assoc):
+            elif not conn.closing and (conn.in_message or internals.dimse_message_in_progress(assoc)):
                 # (read before message_started: a message that began meanwhile has set it already)
                 if now - conn.message_started > dimse_timeout:
                     conn.close(f"DIMSE message not complete within {dimse_timeout:g} s")

@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,8 @@ from intu_core import Acceptance, AcceptanceStatus, DeliverCallback, Message, Ru
 from intu_dicom_destination import internals
 from intu_dicom_destination.body import InvalidBody, scan_file
 from intu_dicom_destination.scp.checks import Refusal, check_body, check_request, is_storage_like
-from intu_dicom_destination.scp.guard import Guard, GuardedServer
+from intu_dicom_destination.scp.direct import Ending, Peer, Receiver, Reply, StoreRequest
+from intu_dicom_destination.scp.guard import Connection, Guard, GuardedServer
 from intu_dicom_destination.scp.persist import InflateLimit, persist
 from intu_dicom_destination.scp.settings import SourceSettings, parse_source_settings
 from intu_dicom_destination.shared.logs import quiet_pynetdicom
@@ -96,16 +98,44 @@ STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
 
-def _refusal(refusal: Refusal) -> Dataset:
-    return _status(refusal.status, refusal.reason)
+def _refusal(refusal: Refusal) -> Reply:
+    return Reply(refusal.status, refusal.reason)
 
 
-def _status(code: int, comment: str) -> Dataset:
+def _status(code: int, comment: str) -> Reply:
+    return Reply(code, comment)
+
+
+def _status_dataset(reply: Reply) -> int | Dataset:
+    """A reply as pynetdicom's handlers return it (its fallback path, ``_on_store``)."""
+    if not reply.comment:
+        return reply.status
     ds = Dataset()
-    ds.Status = code
+    ds.Status = reply.status
     # ErrorComment is LO: at most 64 characters, no backslash.
-    ds.ErrorComment = comment.replace("\\", "/")[:64]
+    ds.ErrorComment = reply.comment.replace("\\", "/")[:64]
     return ds
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who sent an instance: the association's AE titles and the peer's address."""
+
+    calling_ae_title: str
+    called_ae_title: str
+    address: str
+    port: int
+
+    @classmethod
+    def of(cls, assoc: Any) -> Origin:
+        """The origin of ``assoc``'s instances."""
+        req = assoc.requestor
+        return cls(str(req.ae_title), str(assoc.acceptor.ae_title), str(req.address), int(req.port))
+
+    @property
+    def who(self) -> str:
+        """``AE@address:port`` as the log lines and the history name the sender."""
+        return f"{self.calling_ae_title}@{self.address}:{self.port}"
 
 
 def _application_entity(s: SourceSettings) -> AE:
@@ -155,12 +185,12 @@ def _add_storage(assoc: Any, allowed: tuple[str, ...]) -> None:
         assoc.acceptor.supported_contexts = supported + added
 
 
-def _answer(acceptance: Acceptance, logger: Any, name: str, sop_instance: str, who: str) -> int | Dataset:
+def _answer(acceptance: Acceptance, logger: Any, name: str, sop_instance: str, who: str) -> Reply:
     """The C-STORE status for what the engine did with the instance, logged."""
     status = acceptance.status
     if status in (AcceptanceStatus.ACCEPTED, AcceptanceStatus.FILTERED):
         logger.debug("DICOM source %s: %s from %s %s", name, sop_instance, who, status.value)
-        return STATUS_SUCCESS
+        return Reply(STATUS_SUCCESS)
     detail = acceptance.detail or status.value
     if status is AcceptanceStatus.BUSY:
         logger.warning(
@@ -361,6 +391,10 @@ class DicomSource:
 
     def _on_accepted(self, event: Any) -> None:
         self._associations_accepted.inc()
+        assoc = event.assoc
+        conn = self._guard.connection_of(assoc) if self._guard is not None else None
+        if conn is not None:
+            internals.run_data_phase(assoc, lambda sock: self._data_phase(assoc, conn, sock))
         req = event.assoc.requestor
         self.logger.info(
             "DICOM source %s: association from %s (%s:%s) accepted",
@@ -384,32 +418,73 @@ class DicomSource:
             event.assoc.acceptor.ae_title,
         )
 
+    def _data_phase(self, assoc: Any, conn: Connection, sock: Any) -> bool:
+        """The association's data phase (``scp.direct``); True when it ended in a release."""
+        s = self.settings
+        peer = Peer(
+            contexts={
+                int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                for cx in assoc.accepted_contexts
+            },
+            max_pdu=int(assoc.requestor.maximum_length or 0),
+        )
+        origin = Origin.of(assoc)
+        receiver = Receiver(
+            sock,
+            conn,
+            peer,
+            incoming_dir=self.incoming_dir,
+            max_instance_bytes=s.max_instance_mb * 1024 * 1024,
+            max_pdu=s.max_pdu_length,
+            read_timeout_s=s.read_timeout_ms / 1000,
+            write_timeout_s=s.write_timeout_ms / 1000,
+            idle_timeout_s=s.idle_timeout_ms / 1000,
+            store=lambda request: self._handle_store(request, origin),
+            echo=lambda: self._answer_echo(origin),
+        )
+        return receiver.run() is Ending.RELEASED
+
     def _on_echo(self, event: Any) -> int:
+        return self._answer_echo(Origin.of(event.assoc))
+
+    def _answer_echo(self, origin: Origin) -> int:
+        """The C-ECHO status (both paths: ``scp.direct`` and pynetdicom's ``_on_echo``)."""
         return STATUS_SUCCESS
 
     def _on_store(self, event: Any) -> int | Dataset:
+        """pynetdicom's C-STORE event (only when its reactor serves the association: see
+        ``internals.run_data_phase``)."""
+        request = StoreRequest(
+            sop_class=str(event.request.AffectedSOPClassUID or ""),
+            sop_instance=str(event.request.AffectedSOPInstanceUID or ""),
+            context_abstract_syntax=str(event.context.abstract_syntax),
+            transfer_syntax=str(event.context.transfer_syntax),
+            path=Path(event.dataset_path),
+            failure=internals.receive_failure(event.dataset_path),
+        )
+        return _status_dataset(self._handle_store(request, Origin.of(event.assoc)))
+
+    def _handle_store(self, request: StoreRequest, origin: Origin) -> Reply:
         with self._lock:
             self._in_flight += 1
         try:
-            return self._store(event)
+            return self._store(request, origin)
         finally:
             with self._idle:
                 self._in_flight -= 1
                 self._idle.notify_all()
 
-    def _store(self, event: Any) -> int | Dataset:
-        assoc = event.assoc
-        request = event.request
-        sop_class = str(request.AffectedSOPClassUID or "")
-        sop_instance = str(request.AffectedSOPInstanceUID or "")
-        transfer_syntax = str(event.context.transfer_syntax)
-        who = f"{assoc.requestor.ae_title}@{assoc.requestor.address}:{assoc.requestor.port}"
+    def _store(self, request: StoreRequest, origin: Origin) -> Reply:
+        sop_class = request.sop_class
+        sop_instance = request.sop_instance
+        transfer_syntax = request.transfer_syntax
+        who = origin.who
         name = self.runtime.name
 
-        refusal = check_request(sop_class, sop_instance, str(event.context.abstract_syntax))
+        refusal = check_request(sop_class, sop_instance, request.context_abstract_syntax)
         if refusal is not None:
             return self._refuse(refusal, sop_instance, who)
-        failure = internals.receive_failure(event.dataset_path)
+        failure = request.failure
         if failure is not None:  # writing the received dataset failed (a full disk)
             if failure.errno in (errno.ENOSPC, errno.EDQUOT):
                 return self._refuse(Refusal(STATUS_OUT_OF_RESOURCES, "out of disk space"), sop_instance, who)
@@ -417,7 +492,7 @@ class DicomSource:
             return self._refuse(refusal, sop_instance, who)
         path = self.received_dir / f"{uuid.uuid4().hex}.dcm"
         try:
-            self._persist(Path(event.dataset_path), path, transfer_syntax)
+            self._persist(request.path, path, transfer_syntax)
             self._bytes_received.inc(path.stat().st_size)
         except InflateLimit as exc:
             path.unlink(missing_ok=True)
@@ -470,10 +545,10 @@ class DicomSource:
             channel=name,
             metadata={
                 "dicom": {
-                    "calling_ae_title": str(assoc.requestor.ae_title),
-                    "called_ae_title": str(assoc.acceptor.ae_title),
-                    "peer_address": str(assoc.requestor.address),
-                    "peer_port": int(assoc.requestor.port),
+                    "calling_ae_title": origin.calling_ae_title,
+                    "called_ae_title": origin.called_ae_title,
+                    "peer_address": origin.address,
+                    "peer_port": origin.port,
                     "transfer_syntax_uid": transfer_syntax,
                     "sop_class_uid": sop_class,
                     "sop_instance_uid": sop_instance,
@@ -495,7 +570,7 @@ class DicomSource:
             return _status(STATUS_PROCESSING_FAILURE, f"engine error: {exc}")
         return _answer(acceptance, self.logger, name, sop_instance, who)
 
-    def _refuse(self, refusal: Refusal, sop_instance: str, who: str) -> Dataset:
+    def _refuse(self, refusal: Refusal, sop_instance: str, who: str) -> Reply:
         self.logger.error(
             "DICOM source %s: %s from %s refused (%s): answered 0x%04X",
             self.runtime.name, sop_instance, who, refusal.reason, refusal.status,

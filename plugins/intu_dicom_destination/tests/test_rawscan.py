@@ -1,0 +1,66 @@
+"""The raw walk (``body.rawscan``) against pydicom: ``scan_file`` gives the same answers from it
+as from pydicom's reading, for every file the walk accepts, and the walk accepts the common ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from intu_dicom_destination.body import model, rawscan
+from intu_dicom_destination.scp.checks import _CHECKED, check_body
+from intu_dicom_destination.testing import write_ct_series
+from pydicom import dcmread
+from pydicom.data import get_testdata_files
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+
+def _corpus() -> list[Path]:
+    return sorted({Path(p) for p in get_testdata_files("*.dcm")})
+
+
+def _same(path: Path) -> bool:
+    """True when the walk accepted the file (and then gave pydicom's answers)."""
+    fast = model._scan_raw(path.resolve())
+    if fast is None:
+        return False
+    slow = model._scan_pydicom(path)
+    assert (fast.sop_class_uid, fast.sop_instance_uid, fast.transfer_syntax_uid) == (
+        slow.sop_class_uid,
+        slow.sop_instance_uid,
+        slow.transfer_syntax_uid,
+    )
+    assert fast.has_dataset() == slow.has_dataset()
+    assert fast.history_fields() == slow.history_fields()
+    assert fast.model_of(_CHECKED) == slow.model_of(_CHECKED)
+    s = (fast.sop_class_uid, fast.sop_instance_uid, fast.transfer_syntax_uid)
+    assert check_body(fast, *s) == check_body(slow, *s)
+    return True
+
+
+def test_the_walk_agrees_with_pydicom_on_pydicom_s_test_files() -> None:
+    files = _corpus()
+    assert len(files) > 50
+    accepted = [p for p in files if _same(p)]
+    # Most are walked; the rest (deflated, big endian, damaged, odd UIDs...) go to pydicom.
+    assert len(accepted) > len(files) // 3, (len(accepted), len(files))
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_the_walk_reads_a_ct_series_as_pydicom_does(tmp_path: Path, syntax: str) -> None:
+    paths = write_ct_series(tmp_path, 3, size_kib=8, patient_name="Müller^Jörg")
+    for path in paths:
+        if syntax == ImplicitVRLittleEndian:
+            ds = dcmread(path)
+            ds.SpecificCharacterSet = "ISO_IR 100"
+            ds.file_meta.TransferSyntaxUID = syntax
+            ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=True)
+        assert _same(path)
+
+
+def test_a_truncated_file_is_left_to_pydicom(tmp_path: Path) -> None:
+    (path,) = write_ct_series(tmp_path, 1, size_kib=8)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    assert rawscan.scan(path) is None
+    with pytest.raises(model.InvalidBody):
+        model.scan_file(path)
