@@ -4,6 +4,7 @@ as from pydicom's reading, for every file the walk accepts, and the walk accepts
 from __future__ import annotations
 
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 from intu_dicom_destination.body import model, rawscan
@@ -11,6 +12,7 @@ from intu_dicom_destination.scp.checks import _CHECKED, check_body
 from intu_dicom_destination.testing import write_ct_series
 from pydicom import dcmread
 from pydicom.data import get_testdata_files
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 
@@ -33,7 +35,11 @@ def _same(path: Path) -> bool:
     assert fast.history_fields() == slow.history_fields()
     assert fast.model_of(_CHECKED) == slow.model_of(_CHECKED)
     s = (fast.sop_class_uid, fast.sop_instance_uid, fast.transfer_syntax_uid)
-    assert check_body(fast, *s) == check_body(slow, *s)
+    # The checks on the walk's dataset with the plain JSON of raw values, against pydicom's
+    # reading with pydicom's JSON of every element.
+    with patch.object(model, "_plain_json", lambda raw: None):
+        expected = check_body(model._scan_pydicom(path), *s)
+    assert check_body(fast, *s) == expected
     return True
 
 
@@ -64,3 +70,19 @@ def test_a_truncated_file_is_left_to_pydicom(tmp_path: Path) -> None:
     assert rawscan.scan(path) is None
     with pytest.raises(model.InvalidBody):
         model.scan_file(path)
+
+
+def test_the_file_meta_read_without_pydicom_is_pydicom_s() -> None:
+    read = 0
+    for path in _corpus():
+        fast = rawscan.file_meta(path)
+        if fast is None:
+            continue
+        meta = read_file_meta_info(path)
+        assert (fast.sop_class_uid, fast.sop_instance_uid, fast.transfer_syntax_uid) == (
+            meta.MediaStorageSOPClassUID,
+            meta.MediaStorageSOPInstanceUID,
+            meta.TransferSyntaxUID,
+        )
+        read += 1
+    assert read > 50

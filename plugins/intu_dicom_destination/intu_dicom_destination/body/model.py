@@ -311,7 +311,7 @@ class ScannedInstance:
                 uri = bulk_data_uri(self.path, raw.value_tell, length, undefined=undefined)
                 model[key] = {"vr": _bulk_vr(raw), "BulkDataURI": uri}
                 continue
-            model[key] = _element_json(ds, ds[tag].tag, key, [])
+            model[key] = _plain_json(raw) or _element_json(ds, ds[tag].tag, key, [])
         return model
 
     def body(self) -> DicomBody:
@@ -411,6 +411,32 @@ def _scan_pydicom(path: Path) -> ScannedInstance:
     return ScannedInstance(path, ds, ts, sop_class, sop_instance)
 
 
+# VRs whose JSON model ``_plain_json`` writes from the raw bytes (PS3.18 F.2.3: strings, and IS and
+# US as numbers; IS is left as its text, which the checks parse as pydicom would).
+_PLAIN_TEXT_VRS = frozenset({"AE", "CS", "DA", "IS", "TM", "UI"})
+
+
+def _plain_json(raw: Any) -> dict[str, Any] | None:
+    """The JSON model of a raw text or US element, without pydicom's conversion (~40 us each, most
+    of the source's checks); None for anything else (then pydicom converts it)."""
+    if not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes):
+        return None
+    vr = str(raw.VR) if raw.VR else _bulk_vr(raw)
+    value = raw.value
+    if vr == "US" and len(value) % 2 == 0:
+        fmt = "<" if raw.is_little_endian else ">"
+        numbers = list(struct.unpack(f"{fmt}{len(value) // 2}H", value))
+        return {"vr": vr, "Value": numbers} if numbers else {"vr": vr}
+    if vr in _PLAIN_TEXT_VRS:
+        try:
+            text = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        texts = [t.strip("\0 ") for t in text.split("\\")]
+        return {"vr": vr, "Value": texts} if text.strip("\0 ") else {"vr": vr}
+    return None
+
+
 def _as_text(value: Any) -> str:
     """A converted value as the history's summary shows it (several values joined by backslashes)."""
     if value is None:
@@ -438,8 +464,6 @@ def _scan_raw(path: Path) -> ScannedInstance | None:
         vr = e.vr.decode("ascii") if e.vr else None
         elements[tag] = RawDataElement(tag, vr, e.length, e.value, e.value_offset, implicit, True)
     ds.set_original_encoding(implicit, True)
-    for tag in (0x00080016, 0x00080018):
-        _uid_of(ds, tag)  # converted as pydicom's path converts them: the same dataset after
     return ScannedInstance(path, ds, found.transfer_syntax_uid, found.sop_class_uid, found.sop_instance_uid)
 
 
@@ -447,6 +471,10 @@ def _uid_of(ds: Dataset, tag: int) -> str:
     """A UID element's value as text (an unconvertible value as its raw text), '' when absent."""
     if tag not in ds:
         return ""
+    raw = internals.raw_elements(ds)[tag]
+    if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):
+        # Read, not converted: the dataset stays as read (the history's summary sees it so).
+        return raw.value.decode("latin-1").split("\\")[0].strip("\0 ")
     try:
         value = ds[tag].value
     except Exception:  # noqa: BLE001 - an invalid value: its raw bytes

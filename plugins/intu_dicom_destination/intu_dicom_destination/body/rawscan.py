@@ -132,7 +132,32 @@ def _uid(value: bytes) -> str:
     return value.decode("ascii")
 
 
-def _scan(r: _Reader, small: int) -> Scanned:
+@dataclass(frozen=True)
+class FileMeta:
+    """The file meta group's UIDs and where the dataset starts."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    dataset_offset: int
+
+
+def file_meta(path: Path) -> FileMeta | None:
+    """The file meta's UIDs (plain UIDs, all three present) and the dataset's offset, read without
+    pydicom and without walking the dataset; None when unsure. Raises ``OSError``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reader = _Reader(fd, os.fstat(fd).st_size)
+        try:
+            pos, meta = _meta(reader)
+        except (_Unsure, struct.error):
+            return None
+        return FileMeta(meta[_META_SOP_CLASS], meta[_META_SOP_INSTANCE], meta[_META_TRANSFER_SYNTAX], pos)
+    finally:
+        os.close(fd)
+
+
+def _meta(r: _Reader) -> tuple[int, dict[int, str]]:
     if r.at(128, 4) != b"DICM":
         raise _Unsure("no DICM prefix")
     pos, meta = 132, {}
@@ -156,6 +181,11 @@ def _scan(r: _Reader, small: int) -> Scanned:
         pos += length
     if len(meta) != 3:
         raise _Unsure("file meta without the SOP class, SOP instance or transfer syntax")
+    return pos, meta
+
+
+def _scan(r: _Reader, small: int) -> Scanned:
+    pos, meta = _meta(r)
     syntax = meta[_META_TRANSFER_SYNTAX]
     if syntax not in (IMPLICIT_LE, EXPLICIT_LE) and syntax not in ENCAPSULATED:
         raise _Unsure("a transfer syntax pydicom should read")
