@@ -915,3 +915,99 @@ def test_sigterm_stops_intu_serve_under_attack_without_losing_what_was_acknowled
         while time.monotonic() < deadline and len(pacs.received) < 5:
             time.sleep(0.2)
     assert sorted(r.sop_instance_uid for r in pacs.received) == sorted(sent)
+
+
+# -- 4. the data phase read in the association's thread (scp.direct) ---------------------------------
+
+
+def _command(*elements: tuple[int, bytes]) -> bytes:
+    """A command set (implicit VR LE) of the given (tag, value) elements, with its group length."""
+    from intu_dicom_destination.shared import dimse
+
+    body = b"".join(dimse.element(tag, value) for tag, value in elements)
+    return dimse.element(0x00000000, struct.pack("<L", len(body))) + body
+
+
+def _response(sock: socket.socket) -> Any:
+    from pynetdicom.dsutils import decode
+
+    answer = read_pdu(sock)
+    assert answer is not None and answer[0] == 0x04, f"no response: {answer!r}"
+    return decode(__import__("io").BytesIO(answer[1][6:]), True, True)
+
+
+def test_a_service_the_source_does_not_offer_is_answered_and_the_association_goes_on(
+    intu: Callable[..., DicomSource], engine: Engine, ct_files: Any
+) -> None:
+    """A C-FIND sent on the storage context: "unrecognized operation" (0x0211) once its identifier
+    has arrived, then the same association stores an instance."""
+    src = intu()
+    ds = _ct_dataset(ct_files(1)[0])
+    find = _command(
+        (0x00000002, CTImageStorage.encode() + b"\0"),
+        (0x00000100, struct.pack("<H", 0x0020)),
+        (0x00000110, struct.pack("<H", 7)),
+        (0x00000700, struct.pack("<H", 0)),
+        (0x00000800, struct.pack("<H", 0)),
+    )
+    s = associate(src.port, contexts=((CTImageStorage, (ImplicitVRLittleEndian,)),))
+    try:
+        s.sendall(p_data(1, 0x03, find) + p_data(1, 0x02, encode_dataset(ds)))
+        rsp = _response(s)
+        assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8020, 7, 0x0211)
+        s.sendall(p_data(1, 0x03, store_command(CTImageStorage, ds.SOPInstanceUID, 8)))
+        s.sendall(p_data(1, 0x02, encode_dataset(ds)))
+        rsp = _response(s)
+        assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8001, 8, 0x0000)
+        assert rsp.AffectedSOPInstanceUID == ds.SOPInstanceUID
+        s.sendall(struct.pack(">BBLL", 0x05, 0, 4, 0))  # A-RELEASE-RQ
+        assert read_pdu(s) == (0x06, b"\0\0\0\0")  # A-RELEASE-RP
+    finally:
+        s.close()
+    assert [m.metadata["dicom"]["sop_instance_uid"] for m in engine.messages] == [ds.SOPInstanceUID]
+
+
+def test_a_c_store_without_a_dataset_is_refused(intu: Callable[..., DicomSource], engine: Engine) -> None:
+    src = intu()
+    command = _command(
+        (0x00000002, CTImageStorage.encode() + b"\0"),
+        (0x00000100, struct.pack("<H", 0x0001)),
+        (0x00000110, struct.pack("<H", 3)),
+        (0x00000700, struct.pack("<H", 0)),
+        (0x00000800, struct.pack("<H", 0x0101)),  # no dataset follows
+        (0x00001000, b"1.2.3.4"),
+    )
+    s = associate(src.port, contexts=((CTImageStorage, (ImplicitVRLittleEndian,)),))
+    try:
+        s.sendall(p_data(1, 0x03, command))
+        rsp = _response(s)
+        assert rsp.Status == 0xC000 and "without a dataset" in rsp.ErrorComment
+    finally:
+        s.close()
+    assert engine.messages == []
+
+
+@pytest.mark.parametrize(
+    ("pdu", "reason"),
+    [
+        (p_data(1, 0x02, b"\0" * 16), "a dataset fragment without a command"),
+        (p_data(9, 0x03, b"\0" * 16), "presentation context 9, which was not accepted"),
+        (struct.pack(">BBL", 0x01, 0, 4) + b"\0" * 4, "unexpected PDU type 0x01"),
+    ],
+)
+def test_a_broken_data_phase_is_aborted_with_its_reason(
+    intu: Callable[..., DicomSource], engine: Engine, caplog: Any, pdu: bytes, reason: str
+) -> None:
+    src = intu()
+    s = associate(src.port, contexts=((CTImageStorage, (ImplicitVRLittleEndian,)),))
+    try:
+        with caplog.at_level(logging.WARNING):
+            s.sendall(pdu)
+            answer = read_pdu(s)
+            assert answer is not None and answer[0] == 0x07  # A-ABORT
+            assert closed_within(s, 10)
+            src.stop()  # the guard reports the connection once it is reaped
+    finally:
+        s.close()
+    assert reason in caplog.text
+    assert engine.messages == []

@@ -435,3 +435,61 @@ def test_a_receive_file_the_disk_refuses_is_reported_not_raised(tmp_path: Path) 
     assert failure is not None and failure.errno == errno.ENOSPC
     assert internals.receive_failure(FullDisk.name) is None  # told once
     assert tempfile.NamedTemporaryFile is not internals._named_temporary_file
+
+
+def test_run_data_phase_hands_the_socket_over_after_the_accept_and_stops_the_dul() -> None:
+    """scp.direct's take-over: ``serve`` gets the socket once the A-ASSOCIATE-AC is sent, the DUL
+    thread is stopped, and a release it answers ends the association as released."""
+    from intu_dicom_destination.shared import dimse
+    from intu_dicom_destination.testing.attacks import read_pdu
+    from pynetdicom import evt
+    from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+    served: list[Any] = []
+    released: list[Any] = []
+
+    def serve(sock: Any) -> bool:
+        served.append(threading.current_thread())
+        pdu = read_pdu(sock)
+        assert pdu is not None and pdu[0] == 0x04  # the C-ECHO-RQ reaches us, not the DUL
+        context_id = pdu[1][4]
+        command = dimse.parse_command(pdu[1][6:])
+        message_id = dimse.us_value(command, dimse.MESSAGE_ID) or 0
+        answer = dimse.response_command(dimse.C_ECHO_RSP, message_id, 0, sop_class=str(Verification))
+        sock.sendall(b"".join(dimse.command_pdus(context_id, answer, 16384)))
+        assert read_pdu(sock) == (0x05, b"\0\0\0\0")  # A-RELEASE-RQ
+        sock.sendall(dimse.release_rp())
+        return True
+
+    acceptors: list[Any] = []
+
+    class Handler(RequestHandler):
+        def handle(self) -> None:
+            assoc = internals.create_acceptor(self)
+            acceptors.append(assoc)
+            internals.run_data_phase(assoc, serve)
+            assoc.start()
+
+    ae = AE(ae_title="ECHO_SCP")
+    ae.add_supported_context(Verification)
+    handlers = [(evt.EVT_RELEASED, lambda event: released.append(event.assoc))]
+    server = ae.make_server(
+        ("127.0.0.1", 0),
+        server_class=ThreadedAssociationServer,
+        request_handler=Handler,
+        evt_handlers=handlers,
+    )
+    internals.register_server(ae, server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assoc = _echo_assoc(server)
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert assoc.is_released
+        (acceptor,) = acceptors
+        assert _wait(lambda: not acceptor.is_alive())
+        assert served == [acceptor]  # in the association's own thread
+        assert not acceptor.dul.is_alive()
+        assert acceptor.is_released and released == [acceptor]
+    finally:
+        server.shutdown()
