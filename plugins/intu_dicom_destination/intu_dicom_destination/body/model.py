@@ -331,6 +331,12 @@ class ScannedInstance:
         ds = self.dataset
         identifiers: dict[str, str] = {}
         tags: dict[str, str] = {}
+        charset = internals.raw_elements(ds).get(0x00080005)
+        ascii_text = charset is None or (
+            isinstance(charset, RawDataElement)
+            and isinstance(charset.value, bytes)
+            and charset.value.strip(b" \0") in _ASCII_COMPATIBLE
+        )
         for tag, raw in internals.raw_elements(ds).items():
             if len(tags) >= HISTORY_TAGS and int(tag) > 0x0020000E:
                 break  # the identifiers are all in groups 0008-0020
@@ -348,6 +354,8 @@ class ScannedInstance:
                 # Their character repertoire is ASCII whatever the Specific Character Set: the
                 # stored text as it is, without a conversion per value.
                 text = raw.value.decode("latin-1").strip(" \0")
+            elif (text := _plain_text(raw, vr, ascii_text)) is not None:
+                pass
             else:
                 try:
                     value = ds[tag].value
@@ -435,6 +443,22 @@ def _plain_json(raw: Any) -> dict[str, Any] | None:
         texts = [t.strip("\0 ") for t in text.split("\\")]
         return {"vr": vr, "Value": texts} if text.strip("\0 ") else {"vr": vr}
     return None
+
+
+# Specific Character Sets in which printable ASCII bytes are ASCII text (ISO_IR 13, for one, puts
+# a Yen sign at 0x5C, ISO 2022 escapes switch repertoires).
+_ASCII_COMPATIBLE = frozenset({b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 192", b"ISO 2022 IR 6"})
+
+
+def _plain_text(raw: Any, vr: str, ascii_text: bool) -> str | None:
+    """A LO or SH value of printable ASCII as pydicom converts it (each value without trailing
+    spaces and NULs), without its conversion (~40 us each); None for anything else."""
+    if not ascii_text or vr not in ("LO", "SH") or not isinstance(raw, RawDataElement):
+        return None
+    value = raw.value
+    if not isinstance(value, bytes) or not all(0x20 <= b < 0x7F for b in value.rstrip(b"\0")):
+        return None
+    return "\\".join(v.rstrip(" \0") for v in value.decode("ascii").split("\\"))
 
 
 def _as_text(value: Any) -> str:
