@@ -3,9 +3,12 @@ upgrades, a full database, its registration and settings)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -13,6 +16,7 @@ import pytest
 
 from intu_core.config.problems import ConfigError
 from intu_core.config.project import load_project
+from intu_core.fsutil import GroupSync
 from intu_core.history import MessageQuery
 from intu_core.message import AcceptanceStatus, Message, SendResult
 from intu_core.queue import EntryState, QueueDamaged, QueueNotFound, QueueStore, QueueUnavailable
@@ -21,6 +25,13 @@ from intu_core.queue.opener import open_queue
 from intu_core.queue.sqlite import DB_NAME, SCHEMA_VERSION, SqliteQueueStore, SqliteSettings
 from intu_core.testing import engine_deliver, manual_source, registry_with, running_engine
 from intu_core.testing.queue_contract import QueueContract, msg
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 class TestSqliteQueueStore(QueueContract):
@@ -38,16 +49,97 @@ def store(tmp_path: Path):
 
 
 def test_it_is_in_wal_mode_with_full_sync(store: SqliteQueueStore) -> None:
+    # FULL's guarantee: every durable commit fsyncs the WAL before returning. The store commits
+    # with NORMAL and runs that fsync itself (shared by concurrent writers): count the fsyncs.
     conn = sqlite3.connect(store.path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     conn.close()
     with store._read() as c:
-        assert c.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    store.enqueue([("q", msg())])
+        assert c.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL, plus our fsync
+    synced: list[int] = []
+    real = store._wal_sync
+    store._wal_sync = lambda: (synced.append(store.wal_path.stat().st_size), real())[1]  # type: ignore[method-assign]
+    [entry_id] = store.enqueue([("q", msg(files=[str(store.data_dir / "a.dcm")]))])
+    assert synced and synced[-1] > 0  # after the commit wrote its frames
     assert store.claim("q") is not None
-    with store._read() as c:  # back to FULL after the claim's unsynced commit
-        assert c.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert len(synced) == 1  # a claim is not fsynced
+    store.release_files([str(store.data_dir / "a.dcm")])  # changes nothing: nothing to sync
+    assert len(synced) == 1
+    assert store.complete(entry_id)
+    assert len(synced) == 2
+
+
+def test_concurrent_commits_share_one_wal_fsync_taken_outside_the_lock(store: SqliteQueueStore) -> None:
+    # Group commit: while one WAL fsync runs, other writers commit and queue up for the next one,
+    # which covers them all; nobody returns before a fsync that started after its commit.
+    real = store._wal_sync
+    entered, release = threading.Event(), threading.Event()
+    sizes: list[int] = []
+
+    def held() -> None:
+        sizes.append(store.wal_path.stat().st_size)
+        if len(sizes) == 1:
+            entered.set()
+            assert release.wait(30)
+        real()
+
+    group = store._wal_sync = GroupSync(held)  # type: ignore[method-assign]
+    done: list[int] = []
+
+    def enqueue(n: int) -> None:
+        store.enqueue([("q", msg(n))])
+        done.append(n)
+
+    first = threading.Thread(target=enqueue, args=(0,))
+    first.start()
+    assert entered.wait(30)
+    assert store.claim("q") is not None  # the fsync holds no lock: delivery goes on meanwhile
+    others = [threading.Thread(target=enqueue, args=(n,)) for n in range(1, 6)]
+    for t in others:
+        t.start()
+    wait_for(lambda: group.waiting == 6)
+    assert done == []
+    release.set()
+    for t in [first, *others]:
+        t.join(30)
+    assert sorted(done) == list(range(6))
+    assert len(sizes) == 2  # six enqueues, two fsyncs
+    assert sizes[1] >= store.wal_path.stat().st_size  # the second started after every commit
+    assert {s.queue: s.pending + s.in_flight for s in store.stats()} == {"q": 6}
+
+
+def test_a_failed_wal_fsync_fails_the_commits_it_covered_and_refuses_later_ones(tmp_path: Path) -> None:
+    store = SqliteQueueStore(tmp_path / "data")
+
+    def broken() -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    store._wal_sync = GroupSync(broken)  # type: ignore[method-assign]
+    with pytest.raises(QueueUnavailable, match="fsync of the queue's write-ahead log .* restart intu"):
+        store.enqueue([("q", msg(1))])
+    # Committed but not known durable: the sender was told it failed and sends again
+    # (at-least-once). Later writes are refused before anything is committed.
+    with pytest.raises(QueueUnavailable, match="restart intu"):
+        store.enqueue([("q", msg(2))])
+    assert [e.message.body["n"] for e in store.list_entries("q")] == [1]
+    store.close()
+    again = SqliteQueueStore(tmp_path / "data")  # a restart syncs afresh
+    assert again.enqueue([("q", msg(3))])
+    again.close()
+
+
+def test_a_commit_whose_wal_sync_comes_after_the_store_closed_is_durable(tmp_path: Path) -> None:
+    # The engine stopping closes the store while a receiver's commit waits for its WAL sync:
+    # closing checkpointed that commit into the synced database and deleted the WAL.
+    store = SqliteQueueStore(tmp_path / "data")
+    store.enqueue([("q", msg(1))])
+    store.close()
+    assert not store.wal_path.exists()
+    store._sync_wal()  # no error: nothing left to sync
+    again = SqliteQueueStore(tmp_path / "data")
+    assert [e.message.body["n"] for e in again.list_entries("q")] == [1]
+    again.close()
 
 
 def test_claims_look_up_entries_through_indexes(store: SqliteQueueStore) -> None:

@@ -116,6 +116,47 @@ class QueueContract:
         assert store.stats() == []
         assert store.enqueue([]) == []
 
+    def test_concurrent_enqueues_are_all_kept_and_each_failure_is_its_own(
+        self, tmp_path: Path, store: QueueStore
+    ) -> None:
+        # Several associations enqueue at once (a backend may commit them together): every caller
+        # told success has its entry, its history and its files' references; the one whose message
+        # cannot be stored gets its own error, and takes no other caller down with it.
+        threads, each = 8, 15
+        start = threading.Barrier(threads)
+        kept: dict[tuple[int, int], list[str]] = {}
+        errors: dict[tuple[int, int], BaseException] = {}
+
+        def sender(t: int) -> None:
+            start.wait(timeout=30)
+            for i in range(each):
+                message = msg(t * 100 + i, (make_file(tmp_path, f"{t}-{i}.dcm"),))
+                if (t, i) == (3, 7):
+                    message = Message(body={"x": object()}, files=message.files)
+                try:
+                    kept[(t, i)] = store.enqueue([("pacs", message), ("archive", message)])
+                except BaseException as exc:  # kept to assert on
+                    errors[(t, i)] = exc
+
+        workers = [threading.Thread(target=sender, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(timeout=60)
+        assert list(errors) == [(3, 7)] and isinstance(errors[(3, 7)], TypeError)
+        assert len(kept) == threads * each - 1
+        stats = {s.queue: s.pending for s in store.stats()}
+        assert stats == {"pacs": threads * each - 1, "archive": threads * each - 1}
+        listed = {e.id: e for e in store.list_entries("pacs", limit=1000)}
+        for (t, i), (pacs_id, _archive_id) in kept.items():
+            assert listed[pacs_id].message.body["n"] == t * 100 + i
+            journey = store.journey(listed[pacs_id].message.id)
+            assert journey is not None and journey.events[0].kind is EventKind.RECEIVED
+        # Each kept message holds its file; the refused one's is nobody's.
+        files = [str(tmp_path / f"{t}-{i}.dcm") for t, i in kept]
+        assert store.release_files([*files, str(tmp_path / "3-7.dcm")]) == 1
+        assert all(Path(f).exists() for f in files) and not (tmp_path / "3-7.dcm").exists()
+
     # -- claiming --------------------------------------------------------------------------
     def test_claim_is_oldest_first_and_respects_next_attempt_at(self, store: QueueStore) -> None:
         ids = store.enqueue([("q", msg(i)) for i in range(3)])

@@ -354,14 +354,14 @@ class ScannedInstance:
                 # Their character repertoire is ASCII whatever the Specific Character Set: the
                 # stored text as it is, without a conversion per value.
                 text = raw.value.decode("latin-1").strip(" \0")
-            elif (text := _plain_text(raw, vr, ascii_text)) is not None:
-                pass
             else:
-                try:
-                    value = ds[tag].value
-                except Exception:  # noqa: BLE001 - an invalid value: not worth a line in the summary
-                    continue
-                text = _as_text(value)
+                plain = _plain_text(raw, vr, ascii_text)
+                if plain is None:
+                    try:
+                        plain = _as_text(ds[tag].value)
+                    except Exception:  # noqa: BLE001 - an invalid value: not worth a line in the summary
+                        continue
+                text = plain
             if keyword in _IDENTIFIERS:
                 identifiers[_IDENTIFIERS[keyword]] = text
             if len(tags) < HISTORY_TAGS:

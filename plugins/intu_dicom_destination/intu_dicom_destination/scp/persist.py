@@ -1,5 +1,11 @@
 """Persisting a received instance: pynetdicom's temporary file moved into the spool folder and
-made durable before the C-STORE is answered."""
+made durable before the C-STORE is answered.
+
+The file is fsynced on its own; the folder's fsync, which makes its new name durable, is shared by
+the associations that renamed a file into it at the same time (``fsync_dir_shared``): one fsync
+covers every rename made before it started, so with several associations the folder is synced
+about once per round of receptions instead of once per instance.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from typing import Any, BinaryIO
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from intu_core import fsync_dir, fsync_path
+from intu_core.fsutil import fsync_dir_shared, fsync_path
 from intu_dicom_destination.body import inflate_part10
 
 _COPY_CHUNK = 1024 * 1024
@@ -46,8 +52,9 @@ class _Bounded:
 
 def persist(temp: Path, path: Path, transfer_syntax: str, *, max_bytes: int = 0, max_ratio: int = 0) -> None:
     """Move pynetdicom's temporary Part-10 file to ``path`` and make it durable (file and folder
-    fsynced); a deflated instance is stored inflated, to at most ``max_ratio`` times its size (and
-    ``max_bytes``; 0 = no limit), else ``InflateLimit`` and nothing is left at ``path``."""
+    fsynced: on return a power cut cannot lose it); a deflated instance is stored inflated, to at
+    most ``max_ratio`` times its size (and ``max_bytes``; 0 = no limit), else ``InflateLimit`` and
+    nothing is left at ``path``."""
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         # Bulk-data offsets cannot point into a deflated stream: store it inflated.
         limit = max(temp.stat().st_size * max_ratio, _INFLATE_FLOOR) if max_ratio else 1 << 62
@@ -69,4 +76,4 @@ def persist(temp: Path, path: Path, transfer_syntax: str, *, max_bytes: int = 0,
             with open(temp, "rb") as src, open(path, "wb") as copy:
                 shutil.copyfileobj(src, copy, _COPY_CHUNK)
         fsync_path(path)
-    fsync_dir(path.parent)
+    fsync_dir_shared(path.parent)

@@ -1,0 +1,66 @@
+"""``persist``: instances received by several associations at once are each made durable (file
+fsynced, folder fsynced after its rename), the folder's fsync shared among them."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from intu_dicom_destination.scp.persist import persist
+from pydicom.uid import ExplicitVRLittleEndian
+
+from intu_core import fsutil
+
+
+def test_concurrent_receptions_share_the_folder_fsync_that_covers_their_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool, incoming = tmp_path / "spool", tmp_path / "incoming"
+    spool.mkdir()
+    incoming.mkdir()
+    real_dir, real_file = fsutil.fsync_dir, fsutil.fsync_path
+    release, entered = threading.Event(), threading.Event()
+    folder_syncs: list[set[str]] = []
+    file_syncs: list[str] = []
+
+    def held_dir(directory: Path) -> None:
+        folder_syncs.append(set(os.listdir(directory)))  # what this fsync covers
+        if len(folder_syncs) == 1:
+            entered.set()
+            assert release.wait(30)
+        real_dir(directory)
+
+    def counted_file(path: Path) -> None:
+        file_syncs.append(Path(path).name)
+        real_file(path)
+
+    monkeypatch.setattr(fsutil, "fsync_dir", held_dir)
+    monkeypatch.setattr("intu_dicom_destination.scp.persist.fsync_path", counted_file)
+
+    def receive(n: int) -> None:
+        temp = incoming / f"{n}.tmp"
+        temp.write_bytes(b"instance %d" % n)
+        persist(temp, spool / f"{n}.dcm", ExplicitVRLittleEndian)
+
+    first = threading.Thread(target=receive, args=(0,))
+    first.start()
+    assert entered.wait(30)  # association 0 is in its folder fsync
+    others = [threading.Thread(target=receive, args=(n,)) for n in range(1, 5)]
+    for t in others:
+        t.start()
+    group = fsutil._folder_syncs[os.path.abspath(spool)]
+    deadline = time.monotonic() + 30
+    while group.waiting < 5:  # all four renamed and wait for a folder fsync
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+    release.set()
+    for t in [first, *others]:
+        t.join(30)
+    names = {f"{n}.dcm" for n in range(5)}
+    assert set(os.listdir(spool)) == names and not os.listdir(incoming)
+    assert all((spool / f"{n}.dcm").read_bytes() == b"instance %d" % n for n in range(5))
+    assert sorted(file_syncs) == sorted(names)  # every file fsynced on its own
+    assert len(folder_syncs) == 2 and folder_syncs[1] == names  # the folder: twice for five
