@@ -32,6 +32,17 @@ def intu_env() -> dict[str, str]:
     return env
 
 
+def compile_checkout() -> None:
+    """Byte-compile this checkout's Python files, as pip does when it installs intu: where
+    PYTHONDONTWRITEBYTECODE is set (this machine sets it), every `intu` command would otherwise
+    compile intu's sources again at start-up, ~0.3 s of CPU per command (measured 2026-12-03),
+    which an installed intu never pays. The ``__pycache__`` folders are git-ignored."""
+    import compileall
+
+    for folder in (REPO / "intu_core", REPO / "plugins"):
+        compileall.compile_dir(folder, quiet=1)
+
+
 def write_send_project(folder: Path, scp_port: int) -> Path:
     """The destination ``storescp`` of `intu dicom send storescp` (no channel, no queue)."""
     return _write_project(folder, None, scp_port, queue=None)

@@ -32,7 +32,7 @@ from typing import Any
 _CHECKOUT = Path(__file__).resolve().parent.parent
 sys.path[1:1] = [str(_CHECKOUT), str(_CHECKOUT / "plugins" / "intu_dicom_destination")]
 
-from intu import REPO, IntuFailure  # noqa: E402
+from intu import REPO, IntuFailure, compile_checkout  # noqa: E402
 from jobs import JOBS  # noqa: E402
 from measure import log  # noqa: E402
 from peers import Peers  # noqa: E402
@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="intu-bench-"))
     intu_failed = False
     try:
+        compile_checkout()
         study = generate_study(base / "study", args.count)
         results["config"]["study_bytes"] = study.total_bytes
         for name, job in JOBS.items():

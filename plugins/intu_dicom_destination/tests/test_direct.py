@@ -44,3 +44,42 @@ def test_a_file_without_part10_header_is_declined(tmp_path: Path) -> None:
     bare.write_bytes(b"\x08\x00\x16\x00" + b"\0" * 200)
     with pytest.raises(NotDirect):
         dataset_offset(bare)
+
+
+def test_partial_sendmsg_writes_every_buffer_whole_and_in_order() -> None:
+    """``_send`` on a socket whose buffers take only part of each ``sendmsg``: the peer reads
+    exactly the buffers, in order (the partial-write bookkeeping of a large chunk)."""
+    import socket
+    import threading
+    import time
+
+    from intu_dicom_destination.scu import direct
+
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    view = memoryview(chunk)
+    buffers: list[bytes | memoryview] = []
+    for start in range(0, len(chunk), 16378):
+        piece = view[start : start + 16378]
+        buffers += [direct.p_data_header(1, 0, len(piece)), piece]
+    expected = b"".join(buffers)
+    got = bytearray()
+
+    def read() -> None:
+        while len(got) < len(expected):
+            data = theirs.recv(65536)
+            if not data:
+                return
+            got.extend(data)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        direct._send(ours, buffers, time.monotonic() + 30)
+        reader.join(30)
+    finally:
+        ours.close()
+        theirs.close()
+    assert bytes(got) == expected

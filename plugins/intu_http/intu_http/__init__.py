@@ -15,12 +15,16 @@ registry through a ``prometheus_client`` collector); ``openapi.json`` and ``stat
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 from intu_core.hookspecs import hookimpl
 from intu_core.types import SettingsBlock
 from intu_core.view import EngineView
-from intu_http.server import HttpServer
 from intu_http.settings import HttpSettings, parse_http_settings
+
+if TYPE_CHECKING:  # the server (asyncio, prometheus_client) is imported when an engine starts one:
+    # every `intu` command loads this plugin, and most never serve HTTP
+    from intu_http.server import HttpServer
 
 __version__ = "0.1.0"
 
@@ -45,6 +49,8 @@ def intu_engine_started(engine: EngineView) -> None:
     settings = engine.settings("http")
     if not isinstance(settings, HttpSettings):
         return
+    from intu_http.server import HttpServer
+
     server = HttpServer(engine, settings)
     server.start()
     _servers[id(engine)] = server
@@ -61,6 +67,14 @@ def intu_engine_stopping(engine: EngineView) -> None:
 def running_server(engine: EngineView) -> HttpServer | None:
     """The server started for ``engine`` (tests read its bound port)."""
     return _servers.get(id(engine))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HttpServer":
+        from intu_http.server import HttpServer
+
+        return HttpServer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["HttpServer", "HttpSettings", "parse_http_settings", "running_server"]

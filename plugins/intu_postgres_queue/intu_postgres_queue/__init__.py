@@ -16,11 +16,15 @@ a version table), ``store`` (``PostgresQueueStore``, the ``QueueStore`` contract
 from __future__ import annotations
 
 import socket
+from typing import TYPE_CHECKING, Any
 
 from intu_core.hookspecs import hookimpl
 from intu_core.queue import QueueBackend, QueueRuntime
 from intu_postgres_queue.settings import PostgresSettings, describe_dsn, parse_postgres_settings
-from intu_postgres_queue.store import PostgresQueueStore
+
+if TYPE_CHECKING:  # psycopg is imported when a store is opened: every `intu` command loads this
+    # plugin, and importing psycopg costs ~0.25 s of CPU
+    from intu_postgres_queue.store import PostgresQueueStore
 
 __version__ = "0.1.0"
 
@@ -35,6 +39,8 @@ def open_postgres(settings: PostgresSettings, runtime: QueueRuntime) -> Postgres
     """The store ``settings`` name, for the node ``runtime.node_id``, else ``settings.node_id``,
     else ``default_node_id``. Raises ``QueueUnavailable`` when PostgreSQL cannot be reached and
     ``QueueNotFound`` (``runtime.create`` False) when there is no queue in the schema yet."""
+    from intu_postgres_queue.store import PostgresQueueStore
+
     return PostgresQueueStore(
         settings.dsn,
         node_id=runtime.node_id or settings.node_id or default_node_id(runtime),
@@ -59,6 +65,14 @@ POSTGRES_BACKEND = QueueBackend(
 def intu_queue_backends() -> list[QueueBackend]:
     """The ``postgres`` queue backend."""
     return [POSTGRES_BACKEND]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PostgresQueueStore":
+        from intu_postgres_queue.store import PostgresQueueStore
+
+        return PostgresQueueStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -21,8 +21,6 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from psycopg import conninfo
-
 from intu_core.queue import DEFAULT_LEASE_S
 
 if TYPE_CHECKING:
@@ -53,6 +51,9 @@ def parse_postgres_settings(section: Section) -> PostgresSettings | None:
     """The rest of the ``queue:`` block for ``backend: postgres``; problems go to ``section``."""
     dsn = section.str("dsn")
     if dsn is not None:
+        # Imported here: psycopg costs ~0.25 s of CPU, and every `intu` command loads this plugin.
+        from psycopg import conninfo
+
         try:
             conninfo.conninfo_to_dict(dsn)
         except Exception as exc:  # psycopg.ProgrammingError: libpq's own words
@@ -86,6 +87,8 @@ def parse_postgres_settings(section: Section) -> PostgresSettings | None:
 
 def describe_dsn(dsn: str) -> str:
     """``postgresql://user@host:port/dbname`` of a connection string, never its password."""
+    from psycopg import conninfo
+
     try:
         params = conninfo.conninfo_to_dict(dsn)
     except Exception:

@@ -14,7 +14,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
 from intu_core import SendStatus
-from intu_dicom_destination.cli.workers import can_fork, plan, send_all
+from intu_dicom_destination.body.rawscan import scan
+from intu_dicom_destination.cli.workers import Item, can_fork, plan, send_all
 from intu_dicom_destination.scu.settings import DestinationSettings
 
 
@@ -45,6 +46,20 @@ def _meta(path: Path) -> tuple[str, str, str] | str:
         return f"cannot read it ({exc.strerror or exc})"
 
 
+def _look(path: Path) -> Item | str:
+    """What to send for ``path``, or why it is skipped. One walk of the raw elements decides most
+    files (their checks done, see ``body.rawscan``); the others are read with pydicom, here for the
+    file meta and in the worker for the checks."""
+    try:
+        scanned = scan(path)
+    except OSError:
+        scanned = None  # _meta says why
+    if scanned is not None:
+        return path, scanned
+    meta = _meta(path)
+    return meta if isinstance(meta, str) else (path, meta)
+
+
 def run_send(
     settings: DestinationSettings,
     paths: Iterable[Path],
@@ -59,13 +74,14 @@ def run_send(
     if associations:
         settings = replace(settings, max_associations=associations)
     workers = settings.max_associations
-    files, skipped = [], []
+    files: list[Item] = []
+    skipped = []
     for path in _walk(Path(p) for p in paths):
-        meta = _meta(path)
-        if isinstance(meta, str):
-            skipped.append((path, meta))
+        item = _look(path)
+        if isinstance(item, str):
+            skipped.append((path, item))
         else:
-            files.append((path, meta))
+            files.append(item)
     for path, why in skipped:
         print(f"skipped {path}: {why}", file=out)
     if not files:

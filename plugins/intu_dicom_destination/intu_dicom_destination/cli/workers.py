@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import cast
 
 from intu_core import SendStatus
+from intu_dicom_destination.body.rawscan import Scanned
 from intu_dicom_destination.scu.settings import DestinationSettings
 
-Item = tuple[Path, tuple[str, str, str]]  # path, (SOP class, SOP instance, transfer syntax)
+# A file to send: its path and either what ``scan`` found (checked) or, from its file meta, (SOP
+# class, SOP instance, transfer syntax) (the worker checks it with ``check_local_file``).
+Item = tuple[Path, Scanned | tuple[str, str, str]]
 Report = Callable[[int, SendStatus, str], None]  # index into items, status, detail
 _BATCH = 8  # results per pipe message (fewer syscalls; the progress bar lags by at most this)
 
@@ -41,10 +44,11 @@ def _send_threads(settings: DestinationSettings, items: Sequence[tuple[int, Item
     try:
 
         def one(entry: tuple[int, Item]) -> None:
-            index, (path, _from_meta) = entry
-            # Read once here, in the worker: a broken file is refused before any association
-            # is spent on it, and the dataset's UIDs (not the file meta's) are the ones sent.
-            checked = check_local_file(path)
+            index, (path, looked) = entry
+            # A file not scanned in the parent is read here, in the worker: a broken file is
+            # refused before any association is spent on it, and the dataset's UIDs (not the
+            # file meta's) are the ones sent.
+            checked = looked if isinstance(looked, Scanned) else check_local_file(path)
             if isinstance(checked, Refused):
                 report(index, SendStatus.PERMANENT, f"not sent: {checked.reason}")
                 return

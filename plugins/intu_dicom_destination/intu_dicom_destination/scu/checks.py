@@ -6,6 +6,9 @@ read once before sending and refused at once, with the reason, when its dataset'
 Instance UID is missing or differs from the file meta's, when it is truncated, when its deflated
 stream or an encapsulated fragment has an odd length (PS3.5 A.5 and A.4 require even lengths;
 peers abort on the odd P-DATA). The UIDs sent are the dataset's, not the file meta's.
+
+Most files are decided by ``body.rawscan.scan`` (a walk of the raw element headers, no pydicom);
+pydicom reads only those it is unsure of, and gives the reason of every refusal.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from intu_dicom_destination import internals
+from intu_dicom_destination.body.rawscan import scan
 
 _PIXEL_DATA = 0x7FE00010
 _UNDEFINED = 0xFFFFFFFF
@@ -48,6 +52,16 @@ class Refused:
 
 def check_local_file(path: Path) -> LocalInstance | Refused:
     """Read ``path`` once and say whether it can be sent as it is (never raises for a bad file)."""
+    try:
+        scanned = scan(path)
+    except OSError:
+        scanned = None  # pydicom's reading below says what it is
+    if scanned is not None:
+        return LocalInstance(scanned.sop_class_uid, scanned.sop_instance_uid, scanned.transfer_syntax_uid)
+    return _check_with_pydicom(path)
+
+
+def _check_with_pydicom(path: Path) -> LocalInstance | Refused:
     try:
         size = path.stat().st_size
         # Large values are not read (their extent is checked against the file's size instead):

@@ -17,23 +17,47 @@ walked), which is sent the usual way.
 
 from __future__ import annotations
 
+import os
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from intu_dicom_destination import internals
+from intu_dicom_destination.shared import dimse
+from intu_dicom_destination.shared.dimse import (
+    A_ABORT,
+    A_RELEASE_RQ,
+    C_STORE_RSP,
+    COMMAND,
+    LAST,
+    P_DATA_TF,
+    MalformedCommand,
+    p_data,
+    p_data_header,
+    parse_command,
+    store_command,
+)
 
-_P_DATA_TF = 0x04
-_A_RELEASE_RQ = 0x05
-_A_ABORT = 0x07
-_COMMAND, _LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
-_C_STORE_RSP = 0x8001
-_READ_CHUNK = 1024 * 1024
+__all__ = [
+    "Died",
+    "DirectStore",
+    "NotDirect",
+    "StoreResponse",
+    "dataset_offset",
+    "parse_command",
+    "store_command",
+]
+# Bytes of the file read (and so held) at a time: a 512 KiB instance in one read, a 1 GiB one in
+# bounded memory.
+_READ_CHUNK = 4 * 1024 * 1024
+_HEAD = 64 * 1024  # enough for any file meta seen in practice
+_IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV)
 # The largest PDU we write when the peer sets no limit (maximum length 0).
 _UNLIMITED_PDU = 1024 * 1024
 
@@ -63,68 +87,37 @@ def dataset_offset(path: Path) -> int:
     """Where the dataset starts in a Part-10 file: after the preamble, 'DICM' and the file meta
     group (explicit VR little endian, PS3.10 7.1). Raises ``NotDirect`` when it cannot be walked."""
     with open(path, "rb") as fp:
-        head = fp.read(132)
-        if len(head) < 132 or head[128:132] != b"DICM":
-            raise NotDirect("no preamble and DICM prefix")
-        offset = 132
-        while True:
-            header = fp.read(8)
-            if len(header) < 8:
+        head = fp.read(_HEAD)
+        offset = _offset_in(head)
+        while offset is None:  # a file meta larger than _HEAD: read on
+            more = fp.read(_HEAD)
+            if not more:
                 raise NotDirect("file meta runs to the end of the file")
-            group, _elem = struct.unpack("<HH", header[:4])
-            if group != 0x0002:
-                return offset
-            vr = header[4:6]
-            if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-                extra = fp.read(4)
-                if len(extra) < 4:
-                    raise NotDirect("file meta runs to the end of the file")
-                (length,) = struct.unpack("<L", extra)
-                size = 12 + length
-            else:
-                (length,) = struct.unpack("<H", header[6:8])
-                size = 8 + length
+            head += more
+            offset = _offset_in(head)
+        return offset
+
+
+def _offset_in(head: bytes) -> int | None:
+    """The dataset's offset in a Part-10 file that starts with ``head``; None when ``head`` ends
+    inside the file meta; ``NotDirect`` when it cannot be walked."""
+    if len(head) < 132 or head[128:132] != b"DICM":
+        raise NotDirect("no preamble and DICM prefix")
+    offset = 132
+    while offset + 8 <= len(head):
+        group, _elem, vr, length = struct.unpack_from("<HH2sH", head, offset)
+        if group != 0x0002:
+            return offset
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            if offset + 12 > len(head):
+                return None
+            (length,) = struct.unpack_from("<L", head, offset + 8)
             if length == 0xFFFFFFFF:
                 raise NotDirect("undefined length in the file meta")
-            offset += size
-            fp.seek(offset)
-
-
-def _element(group: int, elem: int, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\0"  # UIDs are padded with NUL, other command values are even already
-    return struct.pack("<HHL", group, elem, len(value)) + value
-
-
-def store_command(message_id: int, sop_class: str, sop_instance: str, priority: int = 0) -> bytes:
-    """A C-STORE-RQ command set, implicit VR little endian, with its group length (PS3.7 9.3.1.1)."""
-    body = b"".join(
-        (
-            _element(0x0000, 0x0002, sop_class.encode("ascii")),
-            _element(0x0000, 0x0100, struct.pack("<H", 0x0001)),
-            _element(0x0000, 0x0110, struct.pack("<H", message_id)),
-            _element(0x0000, 0x0700, struct.pack("<H", priority)),
-            _element(0x0000, 0x0800, struct.pack("<H", 0x0000)),  # a dataset follows
-            _element(0x0000, 0x1000, sop_instance.encode("ascii")),
-        )
-    )
-    return _element(0x0000, 0x0000, struct.pack("<L", len(body))) + body
-
-
-def parse_command(data: bytes) -> dict[int, bytes]:
-    """The elements of a command set (implicit VR little endian) by tag; ``Died`` if malformed."""
-    elements: dict[int, bytes] = {}
-    pos = 0
-    while pos < len(data):
-        if pos + 8 > len(data):
-            raise Died("malformed command set in the response")
-        group, elem, length = struct.unpack_from("<HHL", data, pos)
-        pos += 8
-        if pos + length > len(data):
-            raise Died("malformed command set in the response")
-        elements[group << 16 | elem] = data[pos : pos + length]
-        pos += length
-    return elements
+            offset += 12 + length
+        else:
+            offset += 8 + length
+    return None
 
 
 class DirectStore:
@@ -150,47 +143,66 @@ class DirectStore:
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
             raise NotDirect("deflated")
         context_id = self._context_id(sop_class, transfer_syntax)
-        offset = dataset_offset(path)
-        self._message_id = self._message_id % 0xFFFF + 1
-        command = store_command(self._message_id, sop_class, sop_instance)
-        with internals.hold_transport(self.assoc) as sock:
-            deadline = time.monotonic() + timeout_s
-            try:
-                self._send_message(sock, context_id, command, path, offset, deadline)
-                return self._response(sock, deadline)
-            except TimeoutError:
-                raise Died("no C-STORE response in time", timeout=True) from None
-            except OSError as exc:
-                raise Died(f"connection lost: {exc}") from None
+        with open(path, "rb", buffering=0) as fp:
+            size = os.fstat(fp.fileno()).st_size
+            head = fp.read(min(size, _READ_CHUNK))
+            offset = _offset_in(head)
+            if offset is None:  # a file meta larger than a chunk: unusual, walked from the file
+                offset = dataset_offset(path)
+            if offset >= size:
+                raise NotDirect("no dataset after the file meta")
+            self._message_id = self._message_id % 0xFFFF + 1
+            command = store_command(self._message_id, sop_class, sop_instance)
+            with internals.hold_transport(self.assoc) as sock:
+                deadline = time.monotonic() + timeout_s
+                try:
+                    self._send_message(sock, context_id, command, fp, head, offset, size, deadline)
+                    return self._response(sock, deadline)
+                except TimeoutError:
+                    raise Died("no C-STORE response in time", timeout=True) from None
+                except OSError as exc:
+                    raise Died(f"connection lost: {exc}") from None
 
     def _send_message(
-        self, sock: socket.socket, context_id: int, command: bytes, path: Path, offset: int, deadline: float
+        self,
+        sock: socket.socket,
+        context_id: int,
+        command: bytes,
+        fp: BinaryIO,
+        head: bytes,
+        offset: int,
+        size: int,
+        deadline: float,
     ) -> None:
-        sock.settimeout(max(0.001, deadline - time.monotonic()))
-        sock.sendall(_pdu(context_id, _COMMAND | _LAST, command))
-        size = path.stat().st_size
-        left = size - offset
-        with open(path, "rb") as fp:
-            fp.seek(offset)
-            if left == 0:
-                raise Died("empty dataset")
-            while left > 0:
-                chunk = fp.read(min(self._max_data, left, _READ_CHUNK))
-                if not chunk:
-                    raise Died(f"{path} shrank while it was sent")
-                left -= len(chunk)
-                sock.settimeout(max(0.001, deadline - time.monotonic()))
-                sock.sendall(_pdu(context_id, _LAST if left == 0 else 0, chunk))
+        """The command PDU, then the dataset as P-DATA-TF PDUs of the peer's maximum length: read
+        a chunk at a time (one read for a 512 KiB instance) and written with one ``sendmsg`` per
+        chunk (a PDU header and its slice of the chunk per PDU: no copies, few system calls)."""
+        out: list[bytes | memoryview] = [p_data(context_id, COMMAND | LAST, command)]
+        chunk, start, left = head, offset, size - offset
+        while True:
+            with memoryview(chunk) as view:
+                for pos in range(start, len(chunk), self._max_data):
+                    piece = view[pos : pos + self._max_data]
+                    left -= len(piece)
+                    out.append(p_data_header(context_id, LAST if left == 0 else 0, len(piece)))
+                    out.append(piece)
+                _send(sock, out, deadline)
+                out.clear()
+            if left <= 0:
+                return
+            chunk, start = fp.read(min(left, _READ_CHUNK)), 0
+            if not chunk:
+                raise Died(f"the file shrank while it was sent ({left} bytes missing)")
 
     def _response(self, sock: socket.socket, deadline: float) -> StoreResponse:
         command = bytearray()
         while True:
             pdu_type, body = _read_pdu(sock, deadline)
-            if pdu_type == _A_ABORT:
+            if pdu_type == A_ABORT:
                 raise Died("the peer aborted the association")
-            if pdu_type == _A_RELEASE_RQ:
+            if pdu_type == A_RELEASE_RQ:
                 raise Died("the peer asked to release the association during a C-STORE")
-            if pdu_type != _P_DATA_TF:
+            if pdu_type != P_DATA_TF:
                 raise Died(f"unexpected PDU type 0x{pdu_type:02X} during a C-STORE")
             pos = 0
             while pos + 6 <= len(body):
@@ -198,29 +210,52 @@ class DirectStore:
                 control = body[pos + 5]
                 if item_length < 2 or pos + 4 + item_length > len(body):
                     raise Died("malformed P-DATA-TF PDU")
-                if not control & _COMMAND:
+                if not control & COMMAND:
                     raise Died("a dataset fragment in a C-STORE response")
                 command += body[pos + 6 : pos + 4 + item_length]
                 pos += 4 + item_length
-                if control & _LAST:
+                if control & LAST:
                     return self._decode(bytes(command))
 
     def _decode(self, command: bytes) -> StoreResponse:
-        elements = parse_command(command)
         try:
-            field = struct.unpack("<H", elements[0x00000100][:2])[0]
-            responding_to = struct.unpack("<H", elements[0x00000120][:2])[0]
-            status = struct.unpack("<H", elements[0x00000900][:2])[0]
-        except (KeyError, struct.error):
-            raise Died("a C-STORE response without Command Field, Message ID or Status") from None
-        if field != _C_STORE_RSP or responding_to != self._message_id:
+            elements = parse_command(command)
+        except MalformedCommand:
+            raise Died("malformed command set in the response") from None
+        field = dimse.us_value(elements, dimse.COMMAND_FIELD)
+        responding_to = dimse.us_value(elements, dimse.RESPONDING_TO)
+        status = dimse.us_value(elements, dimse.STATUS)
+        if field is None or responding_to is None or status is None:
+            raise Died("a C-STORE response without Command Field, Message ID or Status")
+        if field != C_STORE_RSP or responding_to != self._message_id:
             raise Died(f"unexpected response (command 0x{field:04X} to message {responding_to})")
-        comment = elements.get(0x00000902, b"").decode("latin-1").strip(" \0")
-        return StoreResponse(status, comment)
+        return StoreResponse(status, dimse.text_value(elements, dimse.ERROR_COMMENT))
 
 
-def _pdu(context_id: int, control: int, data: bytes) -> bytes:
-    return struct.pack(">BBLLBB", _P_DATA_TF, 0, len(data) + 6, len(data) + 2, context_id, control) + data
+def _send(sock: socket.socket, buffers: list[bytes | memoryview], deadline: float) -> None:
+    """Write ``buffers`` in order, whole: ``sendmsg`` on a plain socket (fewer system calls than a
+    ``sendall`` per PDU), joined and ``sendall`` on a TLS socket (which has no ``sendmsg``)."""
+    sock.settimeout(max(0.001, deadline - time.monotonic()))
+    if isinstance(sock, ssl.SSLSocket):
+        sock.sendall(b"".join(buffers))
+        return
+    pending = buffers
+    while pending:
+        batch = pending[:_IOV_MAX]
+        sent = sock.sendmsg(batch)
+        if sent == 0:
+            raise Died("the connection is closed")
+        if len(batch) == len(pending) and sent == sum(map(len, batch)):
+            return  # the usual case on loopback and a LAN: all of it at once
+        n = 0
+        while n < len(pending) and sent >= len(pending[n]):
+            sent -= len(pending[n])
+            n += 1
+        pending = pending[n:]
+        if sent:
+            pending[0] = memoryview(pending[0])[sent:]
+        if pending:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
 
 
 def _read_exactly(sock: socket.socket, n: int, deadline: float) -> bytearray:

@@ -144,9 +144,8 @@ class Exchange:
             )
         self.associations_opened += 1
         try:
-            # Park the reactor for as long as the pool owns the association; poll fast while busy.
+            # Park the reactor for as long as the pool owns the association.
             internals.park(assoc)
-            internals.set_poll_delay(assoc, BUSY_DUL_DELAY)
             internals.bound_send_queue(assoc, SEND_QUEUE_ITEMS)
         except BaseException:
             internals.unpark(assoc)
@@ -216,6 +215,7 @@ class Exchange:
             done = self._store_direct(pooled, path, key, data, info)
             if done is not None:
                 return done
+        internals.set_poll_delay(pooled.assoc, BUSY_DUL_DELAY)  # pynetdicom's send needs its DUL
         try:
             started = time.monotonic()
             try:

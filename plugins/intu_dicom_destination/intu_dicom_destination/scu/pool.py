@@ -8,9 +8,10 @@ least recently used idle one when the pool is full. Idle associations are releas
 poll while an association is open, so an idle pooled association is not free.
 
 While the pool owns an association its reactor is parked (``internals.park``) and its DUL thread
-polls the socket fast only while a send is in flight: ``BUSY_DUL_DELAY`` while checked out (0 is
-a busy loop that steals the GIL and is slower), pynetdicom's 1 ms back in the pool (the next
-checkout may be soon), ``DEEP_IDLE_DUL_DELAY`` once idle for ``DEEP_IDLE_AFTER`` seconds.
+polls the socket fast only while pynetdicom sends on it: ``BUSY_DUL_DELAY`` (set by the exchange
+for such a send; 0 is a busy loop that steals the GIL and is slower), pynetdicom's 1 ms otherwise
+(a direct C-STORE, ``scu.direct``, keeps the DUL off the socket: a fast poll there only took CPU
+from the send), ``DEEP_IDLE_DUL_DELAY`` once idle for ``DEEP_IDLE_AFTER`` seconds.
 """
 
 from __future__ import annotations
@@ -113,7 +114,6 @@ class AssociationPool:
                     for pooled in reversed(self._idle):  # most recently used first
                         if key in pooled.proposed:
                             self._idle.remove(pooled)
-                            internals.set_poll_delay(pooled.assoc, BUSY_DUL_DELAY)
                             return pooled
                     if self._count < self.settings.max_associations:
                         self._count += 1
