@@ -12,6 +12,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -55,6 +58,17 @@ def persist(temp: Path, path: Path, transfer_syntax: str, *, max_bytes: int = 0,
     fsynced: on return a power cut cannot lose it); a deflated instance is stored inflated, to at
     most ``max_ratio`` times its size (and ``max_bytes``; 0 = no limit), else ``InflateLimit`` and
     nothing is left at ``path``."""
+    begin_persist(temp, path, transfer_syntax, max_bytes=max_bytes, max_ratio=max_ratio)()
+
+
+def begin_persist(
+    temp: Path, path: Path, transfer_syntax: str, *, max_bytes: int = 0, max_ratio: int = 0
+) -> Callable[[], None]:
+    """``persist``, in two halves: the file is at ``path`` on return, and the returned function
+    waits until it and its folder are fsynced (raising the ``OSError`` of a failed fsync). Between
+    the two the caller checks the file, which reads the page cache: the fsyncs (~2 ms for a 512
+    KiB instance here, the file's and the folder's at the same time) overlap that work instead of
+    adding to every C-STORE's round trip. A deflated instance is inflated and synced at once."""
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         # Bulk-data offsets cannot point into a deflated stream: store it inflated.
         limit = max(temp.stat().st_size * max_ratio, _INFLATE_FLOOR) if max_ratio else 1 << 62
@@ -66,14 +80,37 @@ def persist(temp: Path, path: Path, transfer_syntax: str, *, max_bytes: int = 0,
             inflate_part10(src, dest)  # type: ignore[arg-type]
             dest.flush()
             os.fsync(dest.fileno())
-    else:
-        try:
-            # pynetdicom unlinks its temporary file after the handler, ignoring a missing one.
-            os.replace(temp, path)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            with open(temp, "rb") as src, open(path, "wb") as copy:
-                shutil.copyfileobj(src, copy, _COPY_CHUNK)
-        fsync_path(path)
-    fsync_dir_shared(path.parent)
+        fsync_dir_shared(path.parent)
+        return _done
+    try:
+        # pynetdicom unlinks its temporary file after the handler, ignoring a missing one.
+        os.replace(temp, path)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with open(temp, "rb") as src, open(path, "wb") as copy:
+            shutil.copyfileobj(src, copy, _COPY_CHUNK)
+    syncs = (_syncer().submit(fsync_path, path), _syncer().submit(fsync_dir_shared, path.parent))
+
+    def wait() -> None:
+        for sync in syncs:
+            sync.result()
+
+    return wait
+
+
+def _done() -> None:
+    return None
+
+
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _syncer() -> ThreadPoolExecutor:
+    """Threads that run fsyncs (which release the GIL) while the receiving thread goes on."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="intu-fsync")
+        return _executor

@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,11 @@ from pynetdicom.sop_class import Verification, register_uid, uid_to_service_clas
 
 from intu_core import Acceptance, AcceptanceStatus, DeliverCallback, Message, Runtime, SourceType
 from intu_dicom_destination import internals
-from intu_dicom_destination.body import InvalidBody, scan_file
+from intu_dicom_destination.body import InvalidBody, ScannedInstance, scan_file
 from intu_dicom_destination.scp.checks import Refusal, check_body, check_request, is_storage_like
 from intu_dicom_destination.scp.direct import Ending, Peer, Receiver, Reply, StoreRequest
 from intu_dicom_destination.scp.guard import Connection, Guard, GuardedServer
-from intu_dicom_destination.scp.persist import InflateLimit, persist
+from intu_dicom_destination.scp.persist import InflateLimit, begin_persist
 from intu_dicom_destination.scp.settings import SourceSettings, parse_source_settings
 from intu_dicom_destination.shared.logs import quiet_pynetdicom
 from intu_dicom_destination.shared.tls import server_context
@@ -492,7 +493,11 @@ class DicomSource:
             return self._refuse(refusal, sop_instance, who)
         path = self.received_dir / f"{uuid.uuid4().hex}.dcm"
         try:
-            self._persist(request.path, path, transfer_syntax)
+            durable = self._persist(request.path, path, transfer_syntax)
+            # Checked while the file and its folder are being fsynced (the checks read the cache).
+            checked = self._check_stored(path, sop_class, sop_instance, transfer_syntax)
+            if durable is not None:
+                durable()
             self._bytes_received.inc(path.stat().st_size)
         except InflateLimit as exc:
             path.unlink(missing_ok=True)
@@ -526,19 +531,20 @@ class DicomSource:
             )  # fmt: skip
             return _status(STATUS_PROCESSING_FAILURE, f"cannot store instance: {type(exc).__name__}")
 
-        try:
-            # Checked as body_from_file would, but its JSON model is built only if a stage reads it.
-            scan = scan_file(path)
-            refusal = check_body(scan, sop_class, sop_instance, transfer_syntax)
-        except InvalidBody as exc:
+        if isinstance(checked, InvalidBody):
             path.unlink(missing_ok=True)
             self.logger.error(
-                "DICOM source %s: cannot parse %s from %s: %s: answered 0xC000", name, sop_instance, who, exc
+                "DICOM source %s: cannot parse %s from %s: %s: answered 0xC000",
+                name,
+                sop_instance,
+                who,
+                checked,
             )
             return _status(STATUS_CANNOT_UNDERSTAND, "dataset cannot be parsed")
-        if refusal is not None:
+        if isinstance(checked, Refusal):
             path.unlink(missing_ok=True)
-            return self._refuse(refusal, sop_instance, who)
+            return self._refuse(checked, sop_instance, who)
+        scan = checked
 
         message = Message(
             body=scan.body(),
@@ -577,10 +583,24 @@ class DicomSource:
         )  # fmt: skip
         return _refusal(refusal)
 
-    def _persist(self, temp: Path, path: Path, transfer_syntax: str) -> None:
-        # A method: tests replace it to simulate a full disk.
+    @staticmethod
+    def _check_stored(
+        path: Path, sop_class: str, sop_instance: str, transfer_syntax: str
+    ) -> ScannedInstance | Refusal | InvalidBody:
+        """The stored file checked as ``body_from_file`` would check it (its JSON model is built
+        only if a stage reads it) and against its command: the scan, or why it is refused."""
+        try:
+            scan = scan_file(path)
+            refusal = check_body(scan, sop_class, sop_instance, transfer_syntax)
+        except InvalidBody as exc:
+            return exc
+        return scan if refusal is None else refusal
+
+    def _persist(self, temp: Path, path: Path, transfer_syntax: str) -> Callable[[], None] | None:
+        """The file moved to ``path``; the returned function waits until it is durable. A method:
+        tests replace it to simulate a full disk."""
         s = self.settings
-        persist(
+        return begin_persist(
             temp,
             path,
             transfer_syntax,
