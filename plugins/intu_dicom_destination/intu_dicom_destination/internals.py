@@ -294,6 +294,23 @@ def is_parked(assoc: Any) -> bool:
     return isinstance(gate, _ReactorGate) and gate.held
 
 
+def pause_reactor(assoc: Any, timeout: float = 1.0) -> None:
+    """Block the reactor of a requestor association on its checkpoint before a pynetdicom
+    ``send_*``, closing the race of its own pause: ``send_c_store`` clears the checkpoint and
+    waits for ``_is_paused``, which the reactor sets *before* its ``wait()``, so a reactor just
+    past the wait is taken for paused and can take a fast C-STORE response off the DIMSE queue
+    ("Received unexpected C-STORE service message", then a DIMSE timeout). Here the reactor must
+    be seen waiting on the checkpoint's condition. For test SCUs (``tests/conftest.py``); intu's
+    own SCU parks its reactor (``park``)."""
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    deadline = time.monotonic() + timeout
+    while (
+        not getattr(checkpoint._cond, "_waiters", None) and assoc.is_alive() and time.monotonic() < deadline
+    ):
+        time.sleep(0.0001)
+
+
 def healthy(assoc: Any) -> bool:
     """What the parked reactor would have noticed while the association sat idle: the DUL
     thread ended (connection closed), an abort, or a release request from the peer. Anything

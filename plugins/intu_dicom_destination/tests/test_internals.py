@@ -183,6 +183,20 @@ def test_hold_transport_keeps_the_dul_off_the_socket(echo_scp: Any) -> None:
         assoc.release()
 
 
+def test_pause_reactor_leaves_the_reactor_waiting_on_its_checkpoint(echo_scp: Any) -> None:
+    """tests/conftest.py's fix of pynetdicom's pause race: the reactor is blocked in ``wait()``
+    (not merely flagged paused) before a send, and runs again after it."""
+    assoc = _associate(echo_scp)
+    try:
+        internals.pause_reactor(assoc)
+        assert assoc._reactor_checkpoint._cond._waiters  # blocked in wait(): cannot take a message
+        assert assoc._is_paused
+        assert assoc.send_c_echo().Status == 0  # pynetdicom's send sets the checkpoint at its end
+        assert assoc._reactor_checkpoint.is_set()
+    finally:
+        assoc.release()
+
+
 def test_healthy_sees_a_peer_abort_while_parked(echo_scp: Any) -> None:
     assoc = _associate(echo_scp)
     assert internals.park(assoc)
