@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -381,7 +382,9 @@ def scan_file(path: Path) -> ScannedInstance:
 
     A file the raw walk (``rawscan``) fully understands gets its dataset from the walk's index;
     any other is read by pydicom, which says what is wrong with it."""
-    return _scan_raw(Path(path).resolve()) or _scan_pydicom(path)
+    # abspath, not resolve(): no lstat per path component (~0.15 ms a file, for the folders the
+    # engine made itself).
+    return _scan_raw(Path(os.path.abspath(path))) or _scan_pydicom(path)
 
 
 def _scan_pydicom(path: Path) -> ScannedInstance:
