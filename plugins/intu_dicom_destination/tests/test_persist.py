@@ -64,3 +64,32 @@ def test_concurrent_receptions_share_the_folder_fsync_that_covers_their_renames(
     assert all((spool / f"{n}.dcm").read_bytes() == b"instance %d" % n for n in range(5))
     assert sorted(file_syncs) == sorted(names)  # every file fsynced on its own
     assert len(folder_syncs) == 2 and folder_syncs[1] == names  # the folder: twice for five
+
+
+def test_begin_persist_moves_at_once_and_its_wait_reports_a_failed_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is in place on return (the source checks it meanwhile); the wait raises the
+    fsync's error, which the source answers as it answers any failure to store."""
+    import errno
+
+    from intu_dicom_destination.scp import persist as module
+
+    temp, final = tmp_path / "t.dcm", tmp_path / "spool" / "f.dcm"
+    final.parent.mkdir()
+    temp.write_bytes(b"instance")
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow_failing_fsync(path: Path) -> None:
+        started.set()
+        assert release.wait(30)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(module, "fsync_path", slow_failing_fsync)
+    wait = module.begin_persist(temp, final, ExplicitVRLittleEndian)
+    assert final.read_bytes() == b"instance" and not temp.exists()  # moved before the sync ended
+    assert started.wait(30)
+    release.set()
+    with pytest.raises(OSError, match="Input/output error"):
+        wait()
