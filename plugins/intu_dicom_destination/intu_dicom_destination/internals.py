@@ -146,6 +146,7 @@ def require_pynetdicom() -> None:
     needed["Association._run_reactor"] = getattr(assoc, "_run_reactor", None)
     needed["DULServiceProvider.state_machine"] = getattr(assoc.dul, "state_machine", None)
     needed["DULServiceProvider.event_queue"] = getattr(assoc.dul, "event_queue", None)
+    needed["DULServiceProvider._recv_pdu"] = getattr(assoc.dul, "_recv_pdu", None)
     needed["ApplicationEntity._servers"] = getattr(AE(), "_servers", None)
     needed["dimse_messages.NamedTemporaryFile"] = getattr(dimse_messages, "NamedTemporaryFile", None)
     needed["DIMSEServiceProvider.message"] = "message" in vars(assoc.dimse) or None
@@ -335,14 +336,15 @@ def healthy(assoc: Any) -> bool:
 
 def _transport_lock(dul: Any) -> threading.Lock:
     """The lock that keeps ``dul``'s thread from reading the socket while someone holds it: its
-    "is there an incoming PDU" step (``_is_transport_event``) is skipped while the lock is taken."""
+    "is there an incoming PDU" step (``_is_transport_event``) is skipped while the lock is taken,
+    or while reads are held (``hold_reads``)."""
     lock = getattr(dul, "_intu_transport_lock", None)
     if lock is None:
         lock = threading.Lock()
         check = dul._is_transport_event
 
         def gated() -> bool:
-            if not lock.acquire(blocking=False):
+            if getattr(dul, "_intu_reads_held", False) or not lock.acquire(blocking=False):
                 return False
             try:
                 return bool(check())
@@ -352,6 +354,21 @@ def _transport_lock(dul: Any) -> threading.Lock:
         dul._intu_transport_lock = lock
         dul._is_transport_event = gated
     return lock
+
+
+def hold_reads(assoc: Any) -> None:
+    """From now on the DUL thread of ``assoc`` reads nothing more from its socket (it still writes
+    what pynetdicom queues, e.g. the A-ASSOCIATE-AC). Called by an EVT_REQUESTED handler, before
+    negotiation, for ``run_data_phase``: a peer's first P-DATA, sent the moment our accept
+    arrives, then waits in the socket for ``serve`` instead of racing into pynetdicom's DIMSE
+    provider. ``release_reads`` undoes it (a rejected association: the DUL must see the close)."""
+    _transport_lock(assoc.dul)
+    assoc.dul._intu_reads_held = True
+
+
+def release_reads(assoc: Any) -> None:
+    """Let the DUL thread of ``assoc`` read its socket again (see ``hold_reads``)."""
+    assoc.dul._intu_reads_held = False
 
 
 @contextlib.contextmanager
@@ -458,46 +475,39 @@ def reject_for_limit(assoc: Any) -> None:
 
 def run_data_phase(assoc: Any, serve: Any) -> None:
     """From an EVT_ACCEPTED handler: the data phase of this acceptor association runs as
-    ``serve(sock) -> released`` in the association's own thread, instead of pynetdicom's reactor
-    and DUL threads (``scp.direct``).
+    ``serve(sock, intact) -> released`` in the association's own thread, instead of pynetdicom's
+    reactor and DUL threads (``scp.direct``).
 
-    The DUL thread is kept off the socket at once (so that it cannot read the peer's first P-DATA),
-    and stopped once the A-ASSOCIATE-AC is on the wire. ``serve`` returns True when it answered an
-    A-RELEASE-RQ, False when the association was aborted or its connection ended; the association's
-    flags and pynetdicom's EVT_RELEASED or EVT_ABORTED follow, as its reactor would do them. If the
-    DUL read anything before it was stopped (a peer that did not wait for our accept), pynetdicom's
-    reactor serves the association as usual."""
-    reactor = assoc._run_reactor
+    The DUL thread must not have read anything since the A-ASSOCIATE-RQ (``hold_reads``, from
+    EVT_REQUESTED); it is stopped once the A-ASSOCIATE-AC is on the wire. ``intact`` is False when
+    pynetdicom nevertheless received something meanwhile, or the accept was not written within
+    5 s: ``serve`` must then abort. It returns True when it answered an A-RELEASE-RQ, False when
+    the association was aborted or its connection ended; the association's flags and pynetdicom's
+    EVT_RELEASED or EVT_ABORTED follow, as its reactor would do them. (Stopping the DUL first and
+    checking after closes a race: a check between the DUL taking a P-DATA event off its queue and
+    handing it to DIMSE saw nothing, and the data phase then began in the middle of a message.)"""
 
     def take_over() -> None:
         from pynetdicom import evt
 
         dul = assoc.dul
-        lock = _transport_lock(dul)
-        if not lock.acquire(timeout=5):
-            reactor()
-            return
-        released = False
-        try:
-            deadline = time.monotonic() + 5
-            while not _accept_sent(dul) and dul.is_alive() and time.monotonic() < deadline:
-                time.sleep(0.0002)
-            quiet = (
-                _accept_sent(dul)
-                and dul.to_user_queue.empty()
-                and assoc.dimse.message is None
-                and assoc.dimse.msg_queue.empty()
-            )
-            if quiet:
-                dul.kill_dul()
-                dul.join(2)
-                sock = dul.socket.socket if dul.socket is not None else None
-                released = bool(serve(sock)) if sock is not None else False
-        finally:
-            lock.release()
-        if not quiet:
-            reactor()
-            return
+        deadline = time.monotonic() + 5
+        while not _accept_sent(dul) and dul.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.0002)
+        sent = _accept_sent(dul)
+        dul.kill_dul()
+        dul.join(2)
+        intact = (
+            sent
+            and not dul.is_alive()
+            and dul.event_queue.empty()
+            and dul._recv_pdu.empty()
+            and dul.to_user_queue.empty()
+            and assoc.dimse.message is None
+            and assoc.dimse.msg_queue.empty()
+        )
+        sock = dul.socket.socket if dul.socket is not None else None
+        released = bool(serve(sock, intact)) if sock is not None else False
         assoc.is_established = False
         if released:
             assoc.is_released = True

@@ -452,8 +452,9 @@ def test_a_receive_file_the_disk_refuses_is_reported_not_raised(tmp_path: Path) 
 
 
 def test_run_data_phase_hands_the_socket_over_after_the_accept_and_stops_the_dul() -> None:
-    """scp.direct's take-over: ``serve`` gets the socket once the A-ASSOCIATE-AC is sent, the DUL
-    thread is stopped, and a release it answers ends the association as released."""
+    """scp.direct's take-over: with reads held from EVT_REQUESTED, ``serve`` gets the socket, intact,
+    once the A-ASSOCIATE-AC is sent; the DUL thread is stopped, and a release it answers ends the
+    association as released."""
     from intu_dicom_destination.shared import dimse
     from intu_dicom_destination.testing.attacks import read_pdu
     from pynetdicom import evt
@@ -462,7 +463,8 @@ def test_run_data_phase_hands_the_socket_over_after_the_accept_and_stops_the_dul
     served: list[Any] = []
     released: list[Any] = []
 
-    def serve(sock: Any) -> bool:
+    def serve(sock: Any, intact: bool) -> bool:
+        assert intact  # pynetdicom read nothing after the A-ASSOCIATE-RQ
         served.append(threading.current_thread())
         pdu = read_pdu(sock)
         assert pdu is not None and pdu[0] == 0x04  # the C-ECHO-RQ reaches us, not the DUL
@@ -486,7 +488,10 @@ def test_run_data_phase_hands_the_socket_over_after_the_accept_and_stops_the_dul
 
     ae = AE(ae_title="ECHO_SCP")
     ae.add_supported_context(Verification)
-    handlers = [(evt.EVT_RELEASED, lambda event: released.append(event.assoc))]
+    handlers = [
+        (evt.EVT_REQUESTED, lambda event: internals.hold_reads(event.assoc)),
+        (evt.EVT_RELEASED, lambda event: released.append(event.assoc)),
+    ]
     server = ae.make_server(
         ("127.0.0.1", 0),
         server_class=ThreadedAssociationServer,

@@ -167,9 +167,13 @@ class Receiver:
         self._failure: OSError | None = None
 
     # -- the loop ------------------------------------------------------------------------------
-    def run(self) -> Ending:
-        """Serve PDUs until a release, an abort or the connection's end."""
+    def run(self, intact: bool = True) -> Ending:
+        """Serve PDUs until a release, an abort or the connection's end. Not ``intact``: pynetdicom
+        received part of the data phase before it was handed over (``internals.run_data_phase``),
+        which only a peer that sends before our accept arrives can cause: aborted."""
         try:
+            if not intact:
+                raise _Abort("data sent before the A-ASSOCIATE-AC")
             while True:
                 pdu_type, length = self._next_pdu()
                 if pdu_type == dimse.P_DATA_TF:

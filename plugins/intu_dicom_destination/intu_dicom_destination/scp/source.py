@@ -385,8 +385,11 @@ class DicomSource:
             )  # fmt: skip
             return
         _add_storage(assoc, self.settings.sop_classes)
+        if self._guard is not None and self._guard.connection_of(assoc) is not None:
+            internals.hold_reads(assoc)  # the data phase is read by scp.direct (run_data_phase)
 
     def _on_ended(self, event: Any) -> None:
+        internals.release_reads(event.assoc)
         if self._guard is not None:
             self._guard.release(event.assoc)
 
@@ -395,7 +398,7 @@ class DicomSource:
         assoc = event.assoc
         conn = self._guard.connection_of(assoc) if self._guard is not None else None
         if conn is not None:
-            internals.run_data_phase(assoc, lambda sock: self._data_phase(assoc, conn, sock))
+            internals.run_data_phase(assoc, lambda sock, intact: self._data_phase(assoc, conn, sock, intact))
         req = event.assoc.requestor
         self.logger.info(
             "DICOM source %s: association from %s (%s:%s) accepted",
@@ -406,6 +409,7 @@ class DicomSource:
         )
 
     def _on_rejected(self, event: Any) -> None:
+        internals.release_reads(event.assoc)  # the DUL must see the peer close the connection
         self._associations_rejected.inc()
         if self._guard is not None:
             self._guard.release(event.assoc)
@@ -419,7 +423,7 @@ class DicomSource:
             event.assoc.acceptor.ae_title,
         )
 
-    def _data_phase(self, assoc: Any, conn: Connection, sock: Any) -> bool:
+    def _data_phase(self, assoc: Any, conn: Connection, sock: Any, intact: bool) -> bool:
         """The association's data phase (``scp.direct``); True when it ended in a release."""
         s = self.settings
         peer = Peer(
@@ -443,7 +447,7 @@ class DicomSource:
             store=lambda request: self._handle_store(request, origin),
             echo=lambda: self._answer_echo(origin),
         )
-        return receiver.run() is Ending.RELEASED
+        return receiver.run(intact) is Ending.RELEASED
 
     def _on_echo(self, event: Any) -> int:
         return self._answer_echo(Origin.of(event.assoc))
