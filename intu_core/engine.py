@@ -80,6 +80,7 @@ class Engine:
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._history_sweep: threading.Thread | None = None
+        self._depths: dict[str, QueueDepth] = {}  # per queued destination, for max_size
         self._started = False
 
     # -- building --------------------------------------------------------------------------
@@ -424,6 +425,7 @@ class Engine:
 
     def _busy_reason(self, channel: ChannelRuntime) -> str:
         assert self.store is not None
+        # Read for every message: a statvfs costs ~7 µs (measured 2026-12-03), nothing to save.
         free_mb = shutil.disk_usage(self.project.data_dir).free // (1024 * 1024)
         if free_mb < self.project.min_free_disk_mb:
             return (
@@ -432,9 +434,16 @@ class Engine:
             )
         for used in channel.config.destinations:
             queue = used.destination.queue
-            if queue.enabled and queue.max_size and self.store.size(used.destination.name) >= queue.max_size:
+            if queue.enabled and queue.max_size and self._depth(used.destination.name).full(queue.max_size):
                 return f"queue {used.destination.name} is full ({queue.max_size} messages)"
         return ""
+
+    def _depth(self, queue: str) -> QueueDepth:
+        depth = self._depths.get(queue)
+        if depth is None:
+            assert self.store is not None
+            depth = self._depths.setdefault(queue, QueueDepth(self.store, queue))
+        return depth
 
     def _hand_over(
         self,
@@ -484,13 +493,18 @@ class Engine:
                     else AcceptanceStatus.FAILED
                 )
                 return Acceptance(status, f"{dest_name}: {result.detail}")
+        held: set[str] = set()
         if queued:
             self.store.enqueue(queued, origin=message, events=events)
             for dest_name, _ in queued:
+                self._depth(dest_name).added(1)
                 self.workers[dest_name].notify()
+            # The entries just committed refer to these: asking the store would be one more
+            # write transaction per message to learn that nothing can be deleted.
+            held = {f for _, m in queued for f in m.files}
         else:
             self.store.record(message, events)
-        self._release({f for _, m in outputs for f in m.files})
+        self._release({f for _, m in outputs for f in m.files} - held)
         # DEBUG: one INFO line per instance would be the hot path's largest cost and flood the log.
         if channel.logger.isEnabledFor(logging.DEBUG):
             configs = self.destination_configs
@@ -543,6 +557,49 @@ class Engine:
     def stopping(self) -> bool:
         """True from the start of ``stop`` on (the engine takes nothing new)."""
         return self._stopped.is_set()
+
+
+class QueueDepth:
+    """How many entries a queue holds (pending and in flight), as far as ``max_size`` needs to
+    know, without counting the queue for every message received.
+
+    ``QueueStore.size`` counts the queue's entries: measured 2026-12-03 (SQLite, this project's
+    2-core machine) 0.04 ms for an empty queue, 0.11 ms at 1,000 entries and 0.76 ms at 5,000, per
+    message received, just when a backlog builds up. Instead the count is kept as an estimate: the
+    last count plus what this engine enqueued since. Deliveries only lower the real depth, so the
+    estimate is never below it except for entries that another process put back meanwhile
+    (``intu queue retry``) or that another node sharing the queue added (PostgreSQL); hence the
+    queue is counted again when the estimate reaches the limit (a refusal is always decided on a
+    fresh count) and at least every ``recount_s`` seconds (how late a refusal may come after
+    someone else filled the queue).
+    """
+
+    def __init__(self, store: QueueStore, queue: str, recount_s: float = 1.0) -> None:
+        self.store = store
+        self.queue = queue
+        self.recount_s = recount_s
+        self._lock = threading.Lock()
+        self._counted = 0
+        self._added = 0
+        self._counted_at: float | None = None
+
+    def full(self, limit: int) -> bool:
+        """True when the queue holds ``limit`` entries or more."""
+        with self._lock:
+            now = time.monotonic()
+            stale = self._counted_at is None or now - self._counted_at >= self.recount_s
+            if stale or self._counted + self._added >= limit:
+                # Reset before counting: an enqueue committed meanwhile is then counted twice
+                # at worst (an estimate above the depth), never missed.
+                self._added = 0
+                self._counted = self.store.size(self.queue)
+                self._counted_at = now
+            return self._counted + self._added >= limit
+
+    def added(self, n: int) -> None:
+        """This engine committed ``n`` more entries to the queue."""
+        with self._lock:
+            self._added += n
 
 
 class ChannelReplay:

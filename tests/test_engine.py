@@ -14,8 +14,10 @@ import pytest
 from project_files import fake_distribution, write
 
 from intu_core import hookimpl
+from intu_core.engine import QueueDepth
 from intu_core.message import AcceptanceStatus, Message
 from intu_core.queue import EntryState
+from intu_core.queue.sqlite import SqliteQueueStore
 from intu_core.testing import engine_deliver, manual_source, registry_with, running_engine
 
 
@@ -198,6 +200,67 @@ def test_a_transformer_that_builds_a_new_message_keeps_the_received_files(tmp_pa
         assert engine_deliver(engine, "inbound", Message(body={}, files=(str(attachment),))).ok
         (entry,) = engine.store.list_entries(queue="archive")
     assert attachment.exists() and entry.message.files == (str(attachment),)
+
+
+def test_files_of_queued_outputs_are_kept_and_those_only_an_unqueued_send_used_are_released(tmp_path):
+    # The engine knows what the entries it just committed hold, so it asks the store only about
+    # the rest: here a file that a destination's transformer added for an unqueued destination.
+    queued_project(tmp_path, directory="blocked/out")
+    (tmp_path / "blocked").write_text("not a folder")  # keep it queued
+    with (tmp_path / "intu.yaml").open("a") as config:
+        config.write("  copies:\n    type: file\n    file: {directory: copies}\n")
+        config.write("    queue: {enabled: false}\n")
+    write(
+        tmp_path / "channels" / "inbound" / "channel.yaml",
+        "source: {type: manual}\ndestinations: [archive, {name: copies, transformer: add_file.py}]\n",
+    )
+    write(
+        tmp_path / "channels" / "inbound" / "add_file.py",
+        """
+        def transform(msg, ctx):
+            with open(msg.body["extra"], "w") as extra:
+                extra.write("made for the copy")
+            return msg.replace(files=(*msg.files, msg.body["extra"]))
+        """,
+    )
+    attachment, extra = tmp_path / "attachment.bin", tmp_path / "extra.bin"
+    attachment.write_bytes(b"pixels")
+    with running_engine(tmp_path, registry_with(manual_source)) as engine:
+        message = Message(body={"extra": str(extra)}, files=(str(attachment),))
+        assert engine_deliver(engine, "inbound", message).status is AcceptanceStatus.ACCEPTED
+        (entry,) = engine.store.list_entries(queue="archive")
+        assert entry.message.files == (str(attachment),)
+        assert attachment.exists(), "held by the queued entry"
+        assert not extra.exists(), "used by the unqueued send only: released"
+        assert list((tmp_path / "copies").glob("*.json"))
+
+
+def test_queue_depth_is_counted_again_at_the_limit_and_when_stale(tmp_path):
+    store = SqliteQueueStore(tmp_path / "data")
+    other = SqliteQueueStore(tmp_path / "data")  # `intu queue retry` in another process
+    counts: list[str] = []
+    size = store.size
+    store.size = lambda queue: counts.append(queue) or size(queue)  # type: ignore[method-assign]
+    try:
+        depth = QueueDepth(store, "archive", recount_s=3600.0)
+        assert not depth.full(3) and counts == ["archive"]
+        for n in range(2):
+            store.enqueue([("archive", Message(body={"n": n}))])
+            depth.added(1)
+        assert not depth.full(3) and counts == ["archive"], "below the limit: not counted again"
+        store.enqueue([("archive", Message(body={"n": 2}))])
+        depth.added(1)
+        assert depth.full(3) and len(counts) == 2, "a refusal is decided on a fresh count"
+        store.purge("archive")
+        assert not depth.full(3) and len(counts) == 3, "delivered meanwhile: counted again, room"
+        # Entries another process adds are seen once the count is stale.
+        other.enqueue([("archive", Message(body={"n": n})) for n in range(3)])
+        assert not depth.full(3), "within recount_s: the estimate"
+        depth.recount_s = 0.0
+        assert depth.full(3)
+    finally:
+        store.close()
+        other.close()
 
 
 def test_files_left_in_the_spool_by_a_crash_are_quarantined_at_start(tmp_path, caplog):

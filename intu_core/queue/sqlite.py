@@ -1099,34 +1099,42 @@ class _History:
         rows: list[tuple[Any, ...]] = []
         for message_id in dict.fromkeys([*self.records, *self.events, *self.opened, *self.closed]):
             events = self.events.get(message_id, [])
-            found = conn.execute(
-                "SELECT status, destinations, entries, events FROM messages WHERE id = ?", (message_id,)
-            ).fetchone()
-            if found is None:
-                new = self.records.get(message_id)
-                if new is None:
-                    continue  # an entry queued before the history existed: it has no record
+            new = self.records.get(message_id)
+            inserted = 0
+            if new is not None:
+                # A message seen for the first time (an enqueue from a source): its record is
+                # inserted without looking for it first, one statement fewer per message; when it
+                # exists already (a replay, an unqueued send recorded before), nothing is
+                # inserted and it is updated below.
                 received = Event(message_id, new.received_at, EventKind.RECEIVED, detail=_from(new))
-                events = [received, *events]
-                status, states = next_state("received", {}, events, channel_queue_prefix=CHANNEL_QUEUE_PREFIX)
+                created = [received, *events]
+                status, states = next_state(
+                    "received", {}, created, channel_queue_prefix=CHANNEL_QUEUE_PREFIX
+                )
                 ids = new.identifiers
                 entries = [
                     e for e in self.opened.get(message_id, []) if e not in self.closed.get(message_id, ())
                 ]
-                conn.execute(
+                inserted = conn.execute(
                     "INSERT INTO messages (id, channel, received_at, source, patient_id,"
                     " accession_number, study_uid, sop_instance_uid, identifiers, tags, status,"
                     " destinations, entries, events, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                     (
                         message_id, new.channel, new.received_at, new.source, ids.get("patient_id"),
                         ids.get("accession_number"), ids.get("study_uid"), ids.get("sop_instance_uid"),
                         json.dumps(ids), json.dumps(new.tags), status, json.dumps(states),
-                        json.dumps(entries), len(events), now,
+                        json.dumps(entries), len(created), now,
                     ),
-                )  # fmt: skip
-                first = 1
-            else:
+                ).rowcount  # fmt: skip
+                if inserted:
+                    events, first = created, 1
+            if new is None or not inserted:
+                found = conn.execute(
+                    "SELECT status, destinations, entries, events FROM messages WHERE id = ?", (message_id,)
+                ).fetchone()
+                if found is None:
+                    continue  # an entry queued before the history existed: it has no record
                 status, states = next_state(
                     found["status"],
                     json.loads(found["destinations"]),
@@ -1264,9 +1272,14 @@ def _damaged(path: Path, what: str) -> str:
     )
 
 
+# Built once: json.dumps with options builds a new encoder per call (measured 2026-12-03 at ~3 µs
+# of a DICOM message's ~30 µs encoding).
+_MESSAGE_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _encode_message(message: Message) -> str:
     try:
-        return json.dumps(message.to_json(), separators=(",", ":"), ensure_ascii=False)
+        return _MESSAGE_ENCODER.encode(message.to_json())
     except (TypeError, ValueError) as exc:
         raise TypeError(
             f"message {message.id} cannot be queued: its body or metadata is not JSON-serialisable ({exc})"
@@ -1290,6 +1303,13 @@ def _release(conn: sqlite3.Connection, file_lists: Iterable[list[str]]) -> list[
     paths = [path for files in file_lists for path in files]
     if not paths:
         return []
+    if len(paths) == 1:
+        # A delivered entry's one file (a DICOM instance), usually its last reference: one
+        # statement instead of two, and no JSON list to build.
+        gone = conn.execute("DELETE FROM files WHERE path = ? AND refs <= 1 RETURNING path", paths).fetchall()
+        if not gone:
+            conn.execute("UPDATE files SET refs = refs - 1 WHERE path = ?", paths)
+        return [row[0] for row in gone]
     conn.executemany("UPDATE files SET refs = refs - 1 WHERE path = ?", [(p,) for p in paths])
     rows = conn.execute(
         "DELETE FROM files WHERE refs <= 0 AND path IN (SELECT value FROM json_each(?)) RETURNING path",
