@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import socket
 import threading
@@ -120,7 +119,7 @@ def require_pynetdicom() -> None:
     from pynetdicom import AE, _config
     from pynetdicom.association import Association
 
-    for switch in ("STORE_SEND_CHUNKED_DATASET", "STORE_RECV_CHUNKED_DATASET"):
+    for switch in ("STORE_SEND_CHUNKED_DATASET",):
         if not hasattr(_config, switch):
             raise _missing("pynetdicom", f"pynetdicom._config.{switch}")
     assoc = Association(AE(), "requestor")  # not started: no thread, no socket
@@ -137,7 +136,6 @@ def require_pynetdicom() -> None:
         "DULServiceProvider._is_transport_event": getattr(assoc.dul, "_is_transport_event", None),
         "DULServiceProvider._idle_timer": getattr(assoc.dul, "_idle_timer", None),
     }
-    import pynetdicom.dimse_messages as dimse_messages
     from pynetdicom.transport import RequestHandler
 
     # The acceptor side (DICOM source guard).
@@ -148,7 +146,6 @@ def require_pynetdicom() -> None:
     needed["DULServiceProvider.event_queue"] = getattr(assoc.dul, "event_queue", None)
     needed["DULServiceProvider._recv_pdu"] = getattr(assoc.dul, "_recv_pdu", None)
     needed["ApplicationEntity._servers"] = getattr(AE(), "_servers", None)
-    needed["dimse_messages.NamedTemporaryFile"] = getattr(dimse_messages, "NamedTemporaryFile", None)
     needed["DIMSEServiceProvider.message"] = "message" in vars(assoc.dimse) or None
     for what, value in needed.items():
         if value is None:
@@ -173,14 +170,6 @@ def enable_chunked_send() -> None:
     from pynetdicom import _config
 
     _config.STORE_SEND_CHUNKED_DATASET = True
-
-
-def enable_chunked_receive() -> None:
-    """Every received C-STORE dataset is streamed to a temporary file instead of a BytesIO, so a
-    1 GiB instance never sits in memory. Process-wide; every SCP in this process wants it."""
-    from pynetdicom import _config
-
-    _config.STORE_RECV_CHUNKED_DATASET = True
 
 
 # -- pynetdicom: connect errors from its log text --------------------------------------------------
@@ -545,144 +534,3 @@ def contain_dul_errors(assoc: Any, on_error: Any) -> None:
             on_error(exc)
 
     dul.run = contained
-
-
-def pending_dimse_command(assoc: Any) -> bool:
-    """A C-STORE's command set was received and its dataset is still arriving (DIMSE provider's
-    message in progress, with its presentation context ID set by the final command fragment)."""
-    message = getattr(assoc.dimse, "message", None)
-    return message is not None and getattr(message, "context_id", None) is not None
-
-
-def dimse_message_in_progress(assoc: Any) -> bool:
-    """Part of a DIMSE message (command fragments, or a command and part of its dataset) arrived and
-    the message is not complete yet: the DIMSE provider's ``message``, reset to None when complete."""
-    return getattr(assoc.dimse, "message", None) is not None
-
-
-def guard_dimse_receive(assoc: Any, check: Any) -> None:
-    """Call ``check(assoc, primitive)`` before the DIMSE provider decodes each P-DATA primitive;
-    an exception it raises makes the DUL thread abort the association (pynetdicom's handling of
-    any error while processing a PDU: A-ABORT, connection closed)."""
-    dimse = assoc.dimse
-    receive = dimse.receive_primitive
-
-    def guarded(primitive: Any) -> None:
-        check(assoc, primitive)
-        receive(primitive)
-
-    dimse.receive_primitive = guarded
-
-
-# pynetdicom writes each chunked C-STORE dataset with tempfile.NamedTemporaryFile in the system
-# temporary folder. The source wants it under its data folder (covered by the disk guard, swept at
-# start, deleted on abort) and bounded in size while it is written: the module's name is replaced
-# by a function that asks the receiving association's AE where and how much.
-_receive_folders: Any = None  # WeakKeyDictionary[AE, ReceiveFiles]
-_receive_lock = threading.Lock()
-
-
-class InstanceTooLarge(Exception):
-    """A received dataset grew past the source's ``max_instance_mb``."""
-
-
-# Receive files whose writing failed (a full disk), by path: the C-STORE handler answers for them
-# (0xA700) instead of pynetdicom aborting the association on the OSError.
-_failed_receives: dict[str, OSError] = {}
-
-
-class _BoundedTempFile:
-    """A NamedTemporaryFile whose ``write`` refuses to go past ``limit`` bytes (0: no limit), and
-    that, when the disk refuses a write, drops the rest and remembers why (``receive_failure``)."""
-
-    def __init__(self, wrapped: Any, limit: int) -> None:
-        self._wrapped = wrapped
-        self._limit = limit
-        self._written = 0
-        self._failed = False
-
-    @property
-    def file(self) -> Any:
-        """pynetdicom flushes ``.file`` after each write: route it through ``flush``."""
-        return self
-
-    def write(self, data: Any) -> int:
-        """Write ``data`` unless the file would exceed the limit."""
-        self._written += len(data)
-        if self._limit and self._written > self._limit:
-            raise InstanceTooLarge(f"instance larger than the {self._limit // (1024 * 1024)} MiB limit")
-        if not self._failed:
-            try:
-                self._wrapped.write(data)
-            except OSError as exc:
-                self._fail(exc)
-        return len(data)
-
-    def flush(self) -> None:
-        """Flush, remembering a failure instead of raising it."""
-        if not self._failed:
-            try:
-                self._wrapped.flush()
-            except OSError as exc:
-                self._fail(exc)
-
-    def _fail(self, exc: OSError) -> None:
-        self._failed = True
-        with _receive_lock:
-            _failed_receives[str(self._wrapped.name)] = exc
-        try:
-            os.ftruncate(self._wrapped.fileno(), 0)  # give the space back at once
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        """Close; a buffered write the disk refuses is already reported."""
-        try:
-            self._wrapped.close()
-        except OSError:
-            pass
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._wrapped, name)
-
-
-def receive_failure(path: Any) -> OSError | None:
-    """The OSError that interrupted writing the received dataset at ``path``, if any (forgotten
-    once asked)."""
-    with _receive_lock:
-        return _failed_receives.pop(str(path), None)
-
-
-def _receiving_ae() -> Any:
-    thread = threading.current_thread()  # the DUL thread decodes P-DATA
-    assoc = getattr(thread, "assoc", None) or thread
-    return getattr(assoc, "ae", None)
-
-
-def _named_temporary_file(*args: Any, **kwargs: Any) -> Any:
-    import tempfile
-
-    ae = _receiving_ae()
-    where = _receive_folders.get(ae) if (ae is not None and _receive_folders is not None) else None
-    if where is None:
-        return tempfile.NamedTemporaryFile(*args, **kwargs)  # noqa: SIM115
-    folder, limit, opened = where
-    wrapped = tempfile.NamedTemporaryFile(*args, **{**kwargs, "dir": str(folder)})  # noqa: SIM115
-    opened(wrapped.name)
-    return _BoundedTempFile(wrapped, limit)
-
-
-def receive_files_under(ae: Any, folder: Any, limit: int, opened: Any) -> None:
-    """Chunked C-STORE datasets received by ``ae``'s associations are written under ``folder``
-    (at most ``limit`` bytes each, 0 = no limit; more raises ``InstanceTooLarge`` in the DUL thread,
-    which aborts the association); ``opened(path)`` is told each file's path."""
-    global _receive_folders
-    import weakref
-
-    import pynetdicom.dimse_messages as dimse_messages
-
-    with _receive_lock:
-        if _receive_folders is None:
-            _receive_folders = weakref.WeakKeyDictionary()
-        _receive_folders[ae] = (folder, limit, opened)
-        dimse_messages.NamedTemporaryFile = _named_temporary_file  # type: ignore[attr-defined]

@@ -116,13 +116,10 @@ def test_read_file_meta_info_from_an_open_stream() -> None:
 # -- pynetdicom: switches and log text ---------------------------------------------------------------
 
 
-def test_chunked_dataset_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunked_dataset_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", False)
-    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
     internals.enable_chunked_send()
-    internals.enable_chunked_receive()
     assert _config.STORE_SEND_CHUNKED_DATASET is True
-    assert _config.STORE_RECV_CHUNKED_DATASET is True
 
 
 def test_a_refused_connect_is_captured_from_pynetdicom_logging() -> None:
@@ -320,54 +317,6 @@ def test_reject_for_limit_sends_local_limit_exceeded(probe_server: Any) -> None:
     assert assoc.acceptor.primitive.diagnostic == 0x02
 
 
-def test_guard_dimse_receive_sees_every_p_data_and_can_abort(probe_server: Any) -> None:
-    server, probe = probe_server
-    from pynetdicom import evt
-
-    seen: list[bool] = []
-
-    def check(assoc: Any, primitive: Any) -> None:
-        seen.append(internals.pending_dimse_command(assoc))
-        raise RuntimeError("refused")
-
-    server.bind(evt.EVT_REQUESTED, lambda event: internals.guard_dimse_receive(event.assoc, check))
-    assoc = _echo_assoc(server)
-    try:
-        assert assoc.is_established
-        assoc.send_c_echo()
-        assert _wait(lambda: not assoc.is_established)  # the DUL error ended the association
-        assert seen == [False]
-    finally:
-        if assoc.is_established:
-            assoc.abort()
-
-
-def test_dimse_message_in_progress_spans_the_fragments_of_one_message(probe_server: Any) -> None:
-    from intu_dicom_destination.testing.attacks import associate, c_echo_rq, p_data, read_pdu
-    from pynetdicom import evt
-
-    server, probe = probe_server
-    seen: list[bool] = []
-    server.bind(
-        evt.EVT_REQUESTED,
-        lambda event: internals.guard_dimse_receive(
-            event.assoc, lambda assoc, primitive: seen.append(internals.dimse_message_in_progress(assoc))
-        ),
-    )
-    sock = associate(server.server_address[1], called="ECHO_SCP")
-    try:
-        command = c_echo_rq()[12:]  # the command set of the one PDU's one PDV
-        sock.sendall(p_data(1, 0x01, command[:20]) + p_data(1, 0x03, command[20:]))
-        answer = read_pdu(sock)
-        assert answer is not None and answer[0] == 0x04  # the C-ECHO-RSP: the message was whole
-        assert _wait(
-            lambda: (acceptor := probe.assocs[0]) and not internals.dimse_message_in_progress(acceptor)
-        )
-        assert seen == [False, True]  # before the first fragment: none; before the second: in progress
-    finally:
-        sock.close()
-
-
 def test_contain_dul_errors_catches_what_escapes_the_dul_thread(probe_server: Any) -> None:
     server, probe = probe_server
     from pynetdicom import evt
@@ -390,65 +339,6 @@ def test_contain_dul_errors_catches_what_escapes_the_dul_thread(probe_server: An
     assert _wait(lambda: bool(errors))
     assert isinstance(errors[0], KeyError) and not acceptor.dul.is_alive()
     assoc.abort()
-
-
-def test_receive_files_under_redirects_and_bounds_chunked_receives(tmp_path: Path) -> None:
-    import pynetdicom.dimse_messages
-    from pynetdicom import evt
-
-    ae = AE(ae_title="STORE_SCP")
-    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
-    opened: list[str] = []
-    stored: list[str] = []
-    internals.receive_files_under(ae, tmp_path, 64 * 1024, opened.append)
-    assert pynetdicom.dimse_messages.NamedTemporaryFile is internals._named_temporary_file
-    old = _config.STORE_RECV_CHUNKED_DATASET
-    internals.enable_chunked_receive()
-    server = ae.start_server(
-        ("127.0.0.1", 0),
-        block=False,
-        evt_handlers=[(evt.EVT_C_STORE, lambda e: stored.append(str(e.dataset_path)) or 0)],
-    )
-    try:
-        scu = AE(ae_title="SCU")
-        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        assoc = scu.associate(*server.server_address, ae_title="STORE_SCP")
-        small = _ct(8)
-        assert assoc.send_c_store(small).Status == 0
-        assert len(opened) == 1 and Path(opened[0]).parent == tmp_path and stored == opened
-        big = _ct(256)  # over the 64 KiB limit: the DUL thread aborts the association
-        status = assoc.send_c_store(big)
-        assert not status or status.Status != 0
-        assert _wait(lambda: not assoc.is_established)
-        assert len(opened) == 2 and len(stored) == 1
-    finally:
-        _config.STORE_RECV_CHUNKED_DATASET = old
-        server.shutdown()
-
-
-def _ct(size_kib: int) -> Dataset:
-    from intu_dicom_destination.testing import ct_instance
-
-    return ct_instance(study_uid=generate_uid(), series_uid=generate_uid(), number=1, size_kib=size_kib)
-
-
-def test_a_receive_file_the_disk_refuses_is_reported_not_raised(tmp_path: Path) -> None:
-    import errno
-    import tempfile
-
-    class FullDisk(io.BytesIO):
-        name = str(tmp_path / "rx.dcm")
-
-        def write(self, data: Any) -> int:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    wrapped = internals._BoundedTempFile(FullDisk(), 0)
-    wrapped.write(b"DICM")  # pynetdicom's DUL thread would abort the association on a raise
-    wrapped.file.flush()
-    failure = internals.receive_failure(FullDisk.name)
-    assert failure is not None and failure.errno == errno.ENOSPC
-    assert internals.receive_failure(FullDisk.name) is None  # told once
-    assert tempfile.NamedTemporaryFile is not internals._named_temporary_file
 
 
 def test_run_data_phase_hands_the_socket_over_after_the_accept_and_stops_the_dul() -> None:

@@ -357,7 +357,8 @@ class Guard:
         self._report(conn)
 
     def bind(self, conn: Connection, assoc: Any) -> None:
-        """Attach pynetdicom's association to ``conn``: guarded socket I/O and DIMSE checks."""
+        """Attach pynetdicom's association to ``conn``: guarded socket I/O while pynetdicom
+        negotiates (``scp.direct`` reads the data phase under the same rules)."""
         conn.assoc = assoc
         with _by_assoc_lock:
             _by_assoc[assoc] = conn
@@ -366,25 +367,12 @@ class Guard:
         # Instance attributes shadow AssociationSocket's methods: only this socket is guarded.
         setattr(asock, "recv", io.recv)  # noqa: B010
         setattr(asock, "send", io.send)  # noqa: B010
-
-        def check(assoc: Any, primitive: Any) -> None:
-            if not internals.dimse_message_in_progress(assoc):  # this PDU starts a DIMSE message
-                conn.message_started = conn.pdu_started or time.monotonic()
-            _check_p_data(assoc, primitive)
-
-        internals.guard_dimse_receive(assoc, check)
         internals.contain_dul_errors(assoc, lambda exc: conn.close(f"protocol error: {exc}"))
 
     def connection_of(self, assoc: Any) -> Connection | None:
         """The connection ``assoc`` was bound to."""
         with _by_assoc_lock:
             return _by_assoc.get(assoc)
-
-    def receive_file_opened(self, path: str) -> None:
-        """A dataset's temporary file was created by the current DUL thread."""
-        conn = _current_connection()
-        if conn is not None:
-            conn.temp_files.append(Path(path))
 
     # -- association limits (EVT_REQUESTED, in the acceptor thread) ----------------------------
     def admit(self, assoc: Any) -> str | None:
@@ -451,7 +439,7 @@ class Guard:
                 elif conn.peer_closed or (assoc.dul.ident is not None and not assoc.dul.is_alive()):
                     # (a DUL thread not started yet is not alive either: only an ended one counts)
                     internals.end_unassociated(assoc)  # closed before a request: free its thread now
-            elif not conn.closing and (conn.in_message or internals.dimse_message_in_progress(assoc)):
+            elif not conn.closing and conn.in_message:
                 # (read before message_started: a message that began meanwhile has set it already)
                 if now - conn.message_started > dimse_timeout:
                     conn.close(f"DIMSE message not complete within {dimse_timeout:g} s")
@@ -492,21 +480,6 @@ class Guard:
         if self._thread.is_alive():
             self._thread.join(5)
         self.sweep()
-
-
-def _check_p_data(assoc: Any, primitive: Any) -> None:
-    """A command fragment while the previous C-STORE's dataset is still arriving: pynetdicom would
-    merge the two messages; the association is aborted instead."""
-    if not internals.pending_dimse_command(assoc):
-        return
-    for _context_id, data in getattr(primitive, "presentation_data_value_list", []):
-        if data and data[0] & 1:
-            conn = _current_connection()
-            reason = "a new DIMSE command started before the previous dataset ended"
-            if conn is not None:
-                conn.send_abort(reason)
-                conn.close(reason)
-            raise ProtocolViolation(reason)
 
 
 class _GuardedHandler(RequestHandler):

@@ -1,7 +1,8 @@
 """The `dicom` source: a C-STORE SCP that stores each instance durably before answering.
 
-Each received instance is streamed by pynetdicom to a temporary Part-10 file, moved (or copied,
-chunk by chunk) into the channel's spool folder (``Runtime.spool_dir``:
+pynetdicom negotiates each association; its data phase is then read in the association's own
+thread (``scp.direct``). Each received instance is streamed to a temporary Part-10 file, moved
+(or copied, chunk by chunk) into the channel's spool folder (``Runtime.spool_dir``:
 ``<data_dir>/spool/<channel>``), fsynced with its directory, turned into a message body
 (a ``DicomBody``: checked by ``scan_file``, its JSON model with bulk-data references built only
 when a filter or transformer reads it) and handed to the engine. The engine owns the file from
@@ -42,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -105,17 +105,6 @@ def _refusal(refusal: Refusal) -> Reply:
 
 def _status(code: int, comment: str) -> Reply:
     return Reply(code, comment)
-
-
-def _status_dataset(reply: Reply) -> int | Dataset:
-    """A reply as pynetdicom's handlers return it (its fallback path, ``_on_store``)."""
-    if not reply.comment:
-        return reply.status
-    ds = Dataset()
-    ds.Status = reply.status
-    # ErrorComment is LO: at most 64 characters, no backslash.
-    ds.ErrorComment = reply.comment.replace("\\", "/")[:64]
-    return ds
 
 
 @dataclass(frozen=True)
@@ -257,7 +246,6 @@ class DicomSource:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, deliver: DeliverCallback) -> None:
         """Listen for associations; each received instance goes to ``deliver``."""
-        internals.enable_chunked_receive()  # a 1 GiB instance never sits in memory
         quiet_pynetdicom()  # pynetdicom logs 2 INFO lines per C-STORE; keep them for debug
         self._deliver = deliver
         self.received_dir.mkdir(parents=True, exist_ok=True)
@@ -271,12 +259,8 @@ class DicomSource:
             except Exception as exc:  # ssl.SSLError, OSError, tls.TlsConfigError
                 raise RuntimeError(f"DICOM source {self.runtime.name}: cannot set up TLS: {exc}") from exc
         guard = Guard(s, self.logger, self.runtime.name)
-        internals.receive_files_under(
-            ae, self.incoming_dir, s.max_instance_mb * 1024 * 1024, guard.receive_file_opened
-        )
+        # No EVT_C_STORE or EVT_C_ECHO handler: after negotiation scp.direct serves the association.
         handlers: list[Any] = [
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -385,8 +369,7 @@ class DicomSource:
             )  # fmt: skip
             return
         _add_storage(assoc, self.settings.sop_classes)
-        if self._guard is not None and self._guard.connection_of(assoc) is not None:
-            internals.hold_reads(assoc)  # the data phase is read by scp.direct (run_data_phase)
+        internals.hold_reads(assoc)  # the data phase is read by scp.direct (run_data_phase)
 
     def _on_ended(self, event: Any) -> None:
         internals.release_reads(event.assoc)
@@ -397,8 +380,10 @@ class DicomSource:
         self._associations_accepted.inc()
         assoc = event.assoc
         conn = self._guard.connection_of(assoc) if self._guard is not None else None
-        if conn is not None:
-            internals.run_data_phase(assoc, lambda sock, intact: self._data_phase(assoc, conn, sock, intact))
+        if conn is None:  # never expected: every connection is registered by the guard first
+            assoc.abort()
+            return
+        internals.run_data_phase(assoc, lambda sock, intact: self._data_phase(assoc, conn, sock, intact))
         req = event.assoc.requestor
         self.logger.info(
             "DICOM source %s: association from %s (%s:%s) accepted",
@@ -449,25 +434,9 @@ class DicomSource:
         )
         return receiver.run(intact) is Ending.RELEASED
 
-    def _on_echo(self, event: Any) -> int:
-        return self._answer_echo(Origin.of(event.assoc))
-
     def _answer_echo(self, origin: Origin) -> int:
-        """The C-ECHO status (both paths: ``scp.direct`` and pynetdicom's ``_on_echo``)."""
+        """The C-ECHO status."""
         return STATUS_SUCCESS
-
-    def _on_store(self, event: Any) -> int | Dataset:
-        """pynetdicom's C-STORE event (only when its reactor serves the association: see
-        ``internals.run_data_phase``)."""
-        request = StoreRequest(
-            sop_class=str(event.request.AffectedSOPClassUID or ""),
-            sop_instance=str(event.request.AffectedSOPInstanceUID or ""),
-            context_abstract_syntax=str(event.context.abstract_syntax),
-            transfer_syntax=str(event.context.transfer_syntax),
-            path=Path(event.dataset_path),
-            failure=internals.receive_failure(event.dataset_path),
-        )
-        return _status_dataset(self._handle_store(request, Origin.of(event.assoc)))
 
     def _handle_store(self, request: StoreRequest, origin: Origin) -> Reply:
         with self._lock:
