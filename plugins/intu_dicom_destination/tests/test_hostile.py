@@ -23,7 +23,13 @@ from typing import Any
 import pytest
 from intu_dicom_destination.scp.settings import SourceSettings
 from intu_dicom_destination.scp.source import DicomSource
-from intu_dicom_destination.testing import ct_instance, free_port, start_storescp, stop_process
+from intu_dicom_destination.testing import (
+    RecordingEngine,
+    ct_instance,
+    free_port,
+    start_storescp,
+    stop_process,
+)
 from intu_dicom_destination.testing.attacks import (
     A_ABORT,
     A_ASSOCIATE_RJ,
@@ -48,23 +54,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
-from intu_core.message import Acceptance, AcceptanceStatus, Message
-from intu_core.types import Runtime
-
 SERVED_WITHIN = 10.0  # DCMTK serves within 0.1 s in every case; a loaded CI machine gets slack
-
-
-class Engine:
-    """Records delivered messages; every instance accepted."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-        self.lock = threading.Lock()
-
-    def deliver(self, message: Message) -> Acceptance:
-        with self.lock:
-            self.messages.append(message)
-        return Acceptance(AcceptanceStatus.ACCEPTED)
 
 
 @dataclass
@@ -78,25 +68,8 @@ class Target:
 
 
 @pytest.fixture
-def engine() -> Engine:
-    return Engine()
-
-
-@pytest.fixture
-def intu(tmp_path: Path, engine: Engine) -> Iterator[Callable[..., DicomSource]]:
-    started: list[DicomSource] = []
-
-    def make(**kw: Any) -> DicomSource:
-        settings = SourceSettings(**{"port": free_port(), "host": "127.0.0.1", **kw})
-        runtime = Runtime("dicom-router", tmp_path / "data", logging.getLogger("test.hostile"))
-        src = DicomSource(settings, runtime)
-        src.start(engine.deliver)
-        started.append(src)
-        return src
-
-    yield make
-    for src in started:
-        src.stop()
+def intu(start_source: Callable[..., DicomSource]) -> Callable[..., DicomSource]:
+    return lambda **kw: start_source("test.hostile", **kw)
 
 
 @pytest.fixture(params=["intu", "dcmtk"])
@@ -343,7 +316,7 @@ def _modalities(port: int, called: str, count: int, ct: Path) -> list[tuple[str,
 
 
 def test_30_concurrent_modalities_with_the_defaults(
-    tmp_path: Path, intu: Callable[..., DicomSource], engine: Engine, ct_files: Any
+    tmp_path: Path, intu: Callable[..., DicomSource], engine: RecordingEngine, ct_files: Any
 ) -> None:
     src = intu()
     results = _modalities(src.port, "INTU_SCP", 30, ct_files(1)[0])
@@ -389,7 +362,7 @@ def test_association_limits_count_associations_per_peer_and_in_total(
 
 
 def test_a_flood_from_one_address_does_not_close_another_senders_connections(
-    tmp_path: Path, intu: Callable[..., DicomSource], engine: Engine
+    tmp_path: Path, intu: Callable[..., DicomSource], engine: RecordingEngine
 ) -> None:
     """40 partial A-ASSOCIATE-RQs from 127.0.0.2: past max_pending_per_peer (8) its connections are
     closed at once, so a slow sender from 127.0.0.1 keeps its connection (``max_connections`` 16
@@ -435,7 +408,7 @@ def test_a_flood_from_one_address_does_not_close_another_senders_connections(
 
 
 def test_dimse_message_dripped_past_dimse_timeout_is_aborted(
-    intu: Callable[..., DicomSource], engine: Engine, caplog: pytest.LogCaptureFixture
+    intu: Callable[..., DicomSource], engine: RecordingEngine, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Each PDU arrives well within read_timeout_ms, but the C-STORE as a whole never ends: aborted
     at dimse_timeout_ms, the partial file deleted, nothing delivered, one log line; meanwhile a
@@ -471,7 +444,9 @@ def test_dimse_message_dripped_past_dimse_timeout_is_aborted(
     assert served_within(src.port, SERVED_WITHIN)
 
 
-def test_p_data_pdu_larger_than_negotiated_aborts(intu: Callable[..., DicomSource], engine: Engine) -> None:
+def test_p_data_pdu_larger_than_negotiated_aborts(
+    intu: Callable[..., DicomSource], engine: RecordingEngine
+) -> None:
     src = intu()  # max_pdu_length 65536
     s = associate(src.port, contexts=((CTImageStorage, (ExplicitVRLittleEndian,)),))
     try:
@@ -489,7 +464,7 @@ def test_p_data_pdu_larger_than_negotiated_aborts(intu: Callable[..., DicomSourc
 
 
 def test_stop_returns_within_the_grace_period_under_attack(
-    intu: Callable[..., DicomSource], engine: Engine
+    intu: Callable[..., DicomSource], engine: RecordingEngine
 ) -> None:
     src = intu(stop_grace_ms=1000)
     silent = [_connect(src.port) for _ in range(5)]
@@ -530,7 +505,7 @@ def _ct_dataset(ct: Path) -> Any:
 
 
 def test_dataset_uids_must_match_the_command(
-    intu: Callable[..., DicomSource], engine: Engine, ct_files: Any
+    intu: Callable[..., DicomSource], engine: RecordingEngine, ct_files: Any
 ) -> None:
     src = intu()
     ds = _ct_dataset(ct_files(1)[0])
@@ -545,7 +520,7 @@ def test_dataset_uids_must_match_the_command(
 
 
 def test_dataset_without_sop_uids_is_refused(
-    intu: Callable[..., DicomSource], engine: Engine, ct_files: Any
+    intu: Callable[..., DicomSource], engine: RecordingEngine, ct_files: Any
 ) -> None:
     src = intu()
     ds = _ct_dataset(ct_files(1)[0])
@@ -557,7 +532,7 @@ def test_dataset_without_sop_uids_is_refused(
 
 
 def test_empty_dataset_and_group_0002_only_are_refused(
-    intu: Callable[..., DicomSource], engine: Engine
+    intu: Callable[..., DicomSource], engine: RecordingEngine
 ) -> None:
     src = intu()
     uid = generate_uid()
@@ -573,7 +548,7 @@ def test_empty_dataset_and_group_0002_only_are_refused(
 
 
 def test_image_on_the_verification_context_is_refused(
-    intu: Callable[..., DicomSource], engine: Engine, ct_files: Any
+    intu: Callable[..., DicomSource], engine: RecordingEngine, ct_files: Any
 ) -> None:
     src = intu()
     ds = _ct_dataset(ct_files(1)[0])
@@ -585,7 +560,7 @@ def test_image_on_the_verification_context_is_refused(
 
 
 def test_overlapping_c_stores_abort_and_store_nothing(
-    intu: Callable[..., DicomSource], engine: Engine, ct_files: Any
+    intu: Callable[..., DicomSource], engine: RecordingEngine, ct_files: Any
 ) -> None:
     src = intu()
     first, second = (_ct_dataset(p) for p in ct_files(2))
@@ -606,7 +581,7 @@ def test_overlapping_c_stores_abort_and_store_nothing(
 
 
 def test_pixel_data_shorter_than_the_image_in_an_uncompressed_syntax(
-    intu: Callable[..., DicomSource], engine: Engine, ct_files: Any
+    intu: Callable[..., DicomSource], engine: RecordingEngine, ct_files: Any
 ) -> None:
     src = intu()
     ds = _ct_dataset(ct_files(1)[0])
@@ -643,7 +618,7 @@ def _deflate_bomb(path: Path, inflated_mib: int) -> Path:
 
 
 def test_deflate_bomb_is_refused_while_inflating(
-    tmp_path: Path, intu: Callable[..., DicomSource], engine: Engine
+    tmp_path: Path, intu: Callable[..., DicomSource], engine: RecordingEngine
 ) -> None:
     from pynetdicom import _config
 
@@ -666,7 +641,7 @@ def test_deflate_bomb_is_refused_while_inflating(
 
 
 def test_instance_over_max_instance_mb_aborts_and_leaves_nothing(
-    intu: Callable[..., DicomSource], engine: Engine, ct_files: Any
+    intu: Callable[..., DicomSource], engine: RecordingEngine, ct_files: Any
 ) -> None:
     src = intu(max_instance_mb=1)
     ae = AE(ae_title="BIG")
@@ -710,7 +685,7 @@ def _instance_of(sop_class: str, folder: Path) -> Path:
 
 
 def test_retired_and_private_sop_classes_from_dcmtk_storescu(
-    tmp_path: Path, intu: Callable[..., DicomSource], engine: Engine
+    tmp_path: Path, intu: Callable[..., DicomSource], engine: RecordingEngine
 ) -> None:
     from intu_dicom_destination.testing import INTEROP_ENV, require_tool
     from pydicom import dcmread
@@ -745,7 +720,9 @@ def test_retired_and_private_sop_classes_from_dcmtk_storescu(
         assert received.PixelData == original.PixelData
 
 
-def test_sop_classes_setting_restricts_the_list(intu: Callable[..., DicomSource], engine: Engine) -> None:
+def test_sop_classes_setting_restricts_the_list(
+    intu: Callable[..., DicomSource], engine: RecordingEngine
+) -> None:
     src = intu(sop_classes=(CTImageStorage,))
     ae = AE(ae_title="US")
     ae.add_requested_context(US_IMAGE_STORAGE_RETIRED, [ExplicitVRLittleEndian])
@@ -789,7 +766,7 @@ def test_bad_peers_make_one_rate_limited_line_each_not_pynetdicom_tracebacks(
 
 
 def test_malformed_pdu_and_dimse_fuzz_never_stores_a_lie(
-    intu: Callable[..., DicomSource], engine: Engine, ct_files: Any
+    intu: Callable[..., DicomSource], engine: RecordingEngine, ct_files: Any
 ) -> None:
     """A few hundred seeded mutations of a valid association + C-STORE: the source stays up, and
     whatever it stored is exactly an instance whose UIDs match what was sent."""
@@ -937,7 +914,7 @@ def _response(sock: socket.socket) -> Any:
 
 
 def test_a_service_the_source_does_not_offer_is_answered_and_the_association_goes_on(
-    intu: Callable[..., DicomSource], engine: Engine, ct_files: Any
+    intu: Callable[..., DicomSource], engine: RecordingEngine, ct_files: Any
 ) -> None:
     """A C-FIND sent on the storage context: "unrecognized operation" (0x0211) once its identifier
     has arrived, then the same association stores an instance."""
@@ -967,7 +944,9 @@ def test_a_service_the_source_does_not_offer_is_answered_and_the_association_goe
     assert [m.metadata["dicom"]["sop_instance_uid"] for m in engine.messages] == [ds.SOPInstanceUID]
 
 
-def test_a_c_store_without_a_dataset_is_refused(intu: Callable[..., DicomSource], engine: Engine) -> None:
+def test_a_c_store_without_a_dataset_is_refused(
+    intu: Callable[..., DicomSource], engine: RecordingEngine
+) -> None:
     src = intu()
     command = _command(
         (0x00000002, CTImageStorage.encode() + b"\0"),
@@ -996,7 +975,7 @@ def test_a_c_store_without_a_dataset_is_refused(intu: Callable[..., DicomSource]
     ],
 )
 def test_a_broken_data_phase_is_aborted_with_its_reason(
-    intu: Callable[..., DicomSource], engine: Engine, caplog: Any, pdu: bytes, reason: str
+    intu: Callable[..., DicomSource], engine: RecordingEngine, caplog: Any, pdu: bytes, reason: str
 ) -> None:
     src = intu()
     s = associate(src.port, contexts=((CTImageStorage, (ImplicitVRLittleEndian,)),))

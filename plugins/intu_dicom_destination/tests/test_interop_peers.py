@@ -8,26 +8,22 @@ only the status. A missing implementation skips, or fails under INTU_REQUIRE_INT
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from intu_dicom_destination.scp.settings import SourceSettings
 from intu_dicom_destination.scp.source import DicomSource
 from intu_dicom_destination.scu.sender import DicomSender
 from intu_dicom_destination.scu.settings import DestinationSettings
-from intu_dicom_destination.testing import free_port, wait_for_port
+from intu_dicom_destination.testing import wait_for_port
 from intu_dicom_destination.testing.implementations import IMPLEMENTATIONS, run
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from intu_core.message import Acceptance, AcceptanceStatus, Message, SendStatus
-from intu_core.types import Runtime
+from intu_core.message import SendStatus
 
 pytestmark = pytest.mark.interop
 
@@ -35,39 +31,9 @@ NAMES = list(IMPLEMENTATIONS)
 RECEIVERS = [name for name in NAMES if IMPLEMENTATIONS[name].receives]
 
 
-class Engine:
-    """Stands in for the engine's deliver(): records what the source hands over."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-        self.lock = threading.Lock()
-
-    def deliver(self, message: Message) -> Acceptance:
-        with self.lock:
-            self.messages.append(message)
-        return Acceptance(AcceptanceStatus.ACCEPTED)
-
-
 @pytest.fixture
-def engine() -> Engine:
-    return Engine()
-
-
-@pytest.fixture
-def source(tmp_path: Path, engine: Engine) -> Iterator[Callable[[], DicomSource]]:
-    started: list[DicomSource] = []
-
-    def make() -> DicomSource:
-        settings = SourceSettings(port=free_port(), host="127.0.0.1")
-        runtime = Runtime("dicom-router", tmp_path / "data", logging.getLogger("test.dicom.peers"))
-        src = DicomSource(settings, runtime)
-        src.start(engine.deliver)
-        started.append(src)
-        return src
-
-    yield make
-    for src in started:
-        src.stop()
+def source(start_source: Callable[..., DicomSource]) -> Callable[[], DicomSource]:
+    return lambda: start_source("test.dicom.peers")
 
 
 def _sample(name: str) -> Path:

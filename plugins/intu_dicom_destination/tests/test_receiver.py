@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import ssl
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,53 +15,28 @@ from intu_dicom_destination.body import body_from_file
 from intu_dicom_destination.scp.settings import SourceSettings, parse_source_settings
 from intu_dicom_destination.scp.source import SOURCE_TYPE, DicomSource
 from intu_dicom_destination.shared.tls import TlsServerSettings
-from intu_dicom_destination.testing import INTEROP_ENV, free_port, require_tool, write_garbage_instance
+from intu_dicom_destination.testing import (
+    INTEROP_ENV,
+    RecordingEngine,
+    free_port,
+    require_tool,
+    write_garbage_instance,
+)
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 
 from intu_core.config.problems import Problems
 from intu_core.config.section import Section
-from intu_core.message import Acceptance, AcceptanceStatus, DeferredBody, Message
+from intu_core.message import Acceptance, AcceptanceStatus, DeferredBody
 from intu_core.types import Runtime
 
 VERIFICATION = "1.2.840.10008.1.1"
 
 
-class Engine:
-    """A stand-in for the engine's deliver(): records messages, answers a chosen Acceptance."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-        self.answer = Acceptance(AcceptanceStatus.ACCEPTED)
-        self.lock = threading.Lock()
-
-    def deliver(self, message: Message) -> Acceptance:
-        with self.lock:
-            self.messages.append(message)
-        return self.answer
-
-
 @pytest.fixture
-def engine() -> Engine:
-    return Engine()
-
-
-@pytest.fixture
-def source(tmp_path: Path, engine: Engine) -> Iterator[Callable[..., DicomSource]]:
-    started: list[DicomSource] = []
-
-    def make(**kw: Any) -> DicomSource:
-        settings = SourceSettings(**{"port": free_port(), "host": "127.0.0.1", **kw})
-        runtime = Runtime("dicom-router", tmp_path / "data", logging.getLogger("test.dicom.source"))
-        src = DicomSource(settings, runtime)
-        src.start(engine.deliver)
-        started.append(src)
-        return src
-
-    yield make
-    for src in started:
-        src.stop()
+def source(start_source: Callable[..., DicomSource]) -> Callable[..., DicomSource]:
+    return lambda **kw: start_source("test.dicom.source", **kw)
 
 
 def scu(ae_title: str = "TEST_SCU", contexts: list[tuple[str, list[str] | None]] | None = None) -> AE:
@@ -84,7 +58,7 @@ def test_source_type_is_registered() -> None:
     assert SOURCE_TYPE.create is DicomSource and SOURCE_TYPE.parse_settings is parse_source_settings
 
 
-def test_store_builds_body_file_and_metadata(source: Any, engine: Engine, ct_files: Any) -> None:
+def test_store_builds_body_file_and_metadata(source: Any, engine: RecordingEngine, ct_files: Any) -> None:
     src = source()
     files = ct_files(2)
     assoc = associate(src)
@@ -140,7 +114,7 @@ def test_store_builds_body_file_and_metadata(source: Any, engine: Engine, ct_fil
 
 
 def test_source_counts_bytes_and_associations_in_the_runtime_metrics(
-    source: Any, engine: Engine, ct_files: Any
+    source: Any, engine: RecordingEngine, ct_files: Any
 ) -> None:
     src = source(calling_ae_titles=("TEST_SCU",))
     files = ct_files(3)
@@ -169,7 +143,7 @@ def test_echoscu_from_dcmtk(source: Any) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_storescu_from_dcmtk_sends_five(source: Any, engine: Engine, ct_files: Any) -> None:
+def test_storescu_from_dcmtk_sends_five(source: Any, engine: RecordingEngine, ct_files: Any) -> None:
     storescu = require_tool("storescu")
     src = source()
     files = ct_files(5)
@@ -188,7 +162,7 @@ def test_storescu_from_dcmtk_sends_five(source: Any, engine: Engine, ct_files: A
         assert stored.PixelData == sent[stored.SOPInstanceUID]
 
 
-def test_calling_ae_title_not_in_allow_list_is_rejected(source: Any, engine: Engine) -> None:
+def test_calling_ae_title_not_in_allow_list_is_rejected(source: Any, engine: RecordingEngine) -> None:
     src = source(calling_ae_titles=("MODALITY1",))
     assoc = associate(src, scu("STRANGER"))
     assert assoc.is_rejected
@@ -232,7 +206,7 @@ def test_called_ae_title_check_can_be_turned_off(source: Any) -> None:
     ],
 )
 def test_status_tells_the_sender_what_the_engine_did(
-    source: Any, engine: Engine, ct_files: Any, answer: Acceptance, status: int, comment: str | None
+    source: Any, engine: RecordingEngine, ct_files: Any, answer: Acceptance, status: int, comment: str | None
 ) -> None:
     engine.answer = answer
     src = source()
@@ -247,7 +221,12 @@ def test_status_tells_the_sender_what_the_engine_did(
 
 
 def test_unparseable_dataset_gets_c000_and_the_server_keeps_serving(
-    source: Any, engine: Engine, ct_files: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+    source: Any,
+    engine: RecordingEngine,
+    ct_files: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: Any,
 ) -> None:
     src = source()
     # Send the file's bytes as they are (no pydicom re-encoding on the sender side).
@@ -265,7 +244,7 @@ def test_unparseable_dataset_gets_c000_and_the_server_keeps_serving(
 
 
 def test_received_instances_are_stored_in_the_channel_spool_dir(
-    source: Any, engine: Engine, ct_files: Any, tmp_path: Path
+    source: Any, engine: RecordingEngine, ct_files: Any, tmp_path: Path
 ) -> None:
     src = source()
     spool = tmp_path / "data" / "spool" / "dicom-router"
@@ -280,7 +259,12 @@ def test_received_instances_are_stored_in_the_channel_spool_dir(
 
 
 def test_corrupt_deflate_stream_gets_c000_and_the_server_keeps_serving(
-    source: Any, engine: Engine, ct_files: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+    source: Any,
+    engine: RecordingEngine,
+    ct_files: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: Any,
 ) -> None:
     src = source()
     # Send the file's bytes as they are: a deflated data set that is not a valid deflate stream.
@@ -303,7 +287,7 @@ def test_corrupt_deflate_stream_gets_c000_and_the_server_keeps_serving(
 
 
 def test_unexpected_error_while_storing_answers_0110_and_removes_the_partial_file(
-    source: Any, engine: Engine, ct_files: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
+    source: Any, engine: RecordingEngine, ct_files: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
     src = source()
 
@@ -324,7 +308,7 @@ def test_unexpected_error_while_storing_answers_0110_and_removes_the_partial_fil
     assert good.Status == 0x0000 and len(engine.messages) == 1
 
 
-def test_deflated_instances_are_stored_inflated(source: Any, engine: Engine, ct_files: Any) -> None:
+def test_deflated_instances_are_stored_inflated(source: Any, engine: RecordingEngine, ct_files: Any) -> None:
     src = source()
     ae = scu(contexts=[(CTImageStorage, [DeflatedExplicitVRLittleEndian])])
     assoc = associate(src, ae)
@@ -357,7 +341,7 @@ def _client_context(pki: dict[str, Path], with_cert: bool) -> ssl.SSLContext:
 
 
 def test_tls_with_client_certificate(
-    source: Any, engine: Engine, ct_files: Any, pki: dict[str, Path]
+    source: Any, engine: RecordingEngine, ct_files: Any, pki: dict[str, Path]
 ) -> None:
     src = source(tls=_tls_settings(pki, require_client_cert=True))
     assoc = associate(src, tls_args=(_client_context(pki, with_cert=True), "localhost"))
@@ -368,7 +352,7 @@ def test_tls_with_client_certificate(
 
 
 def test_tls_key_not_matching_the_certificate_fails_start_clearly(
-    tmp_path: Path, engine: Engine, pki: dict[str, Path]
+    tmp_path: Path, engine: RecordingEngine, pki: dict[str, Path]
 ) -> None:
     tls = TlsServerSettings(enabled=True, cert=pki["server"], key=pki["client_key"], ca_cert=pki["ca"])
     settings = SourceSettings(port=free_port(), host="127.0.0.1", tls=tls)
@@ -377,7 +361,9 @@ def test_tls_key_not_matching_the_certificate_fails_start_clearly(
         src.start(engine.deliver)
 
 
-def test_tls_client_without_certificate_is_refused(source: Any, engine: Engine, pki: dict[str, Path]) -> None:
+def test_tls_client_without_certificate_is_refused(
+    source: Any, engine: RecordingEngine, pki: dict[str, Path]
+) -> None:
     src = source(tls=_tls_settings(pki, require_client_cert=True))
     assoc = associate(src, tls_args=(_client_context(pki, with_cert=False), "localhost"))
     assert not assoc.is_established
@@ -556,7 +542,7 @@ def test_stop_also_ends_an_association_accepted_during_shutdown(
             assoc.abort()
 
 
-def test_body_from_received_file_is_stable(source: Any, engine: Engine, ct_files: Any) -> None:
+def test_body_from_received_file_is_stable(source: Any, engine: RecordingEngine, ct_files: Any) -> None:
     src = source()
     assoc = associate(src)
     assoc.send_c_store(ct_files(1)[0])
@@ -567,7 +553,7 @@ def test_body_from_received_file_is_stable(source: Any, engine: Engine, ct_files
 
 
 def test_disk_full_answers_a700(
-    source: Any, engine: Engine, ct_files: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
+    source: Any, engine: RecordingEngine, ct_files: Any, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
     # A full disk cannot be arranged on loopback without root: the only stand-in in this file.
     import errno

@@ -19,6 +19,7 @@ from intu_dicom_destination.testing.peers import (
     wait_for_port,
 )
 from intu_dicom_destination.testing.pki import make_pki
+from intu_dicom_destination.testing.recording import RecordingEngine
 from intu_dicom_destination.testing.samples import ct_instance, write_ct_series, write_garbage_instance
 from intu_dicom_destination.testing.serve import IntuProcess, intu_command, wait_until, write_router_project
 
@@ -29,6 +30,7 @@ __all__ = [
     "Peer",
     "PeerMissing",
     "Received",
+    "RecordingEngine",
     "Scp",
     "ct_instance",
     "find_tool",
