@@ -34,6 +34,7 @@ sys.path[1:1] = [str(_CHECKOUT), str(_CHECKOUT / "plugins" / "intu_dicom_destina
 
 from intu import REPO, IntuFailure, compile_checkout  # noqa: E402
 from jobs import JOBS  # noqa: E402
+from jobs.send import SENDERS as SEND_SENDERS  # noqa: E402
 from measure import log  # noqa: E402
 from peers import Peers  # noqa: E402
 from report import evaluate_targets, git_commit, machine_info, render  # noqa: E402
@@ -57,6 +58,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--http",
         action="store_true",
         help="route: intu serve with an http: block, polled as an open dashboard would be",
+    )
+    p.add_argument(
+        "--send-senders",
+        type=lambda text: [name for name in text.split(",") if name],
+        default=list(SEND_SENDERS),
+        metavar="NAMES",
+        help="send: the senders to run, comma-separated, from " + ",".join(SEND_SENDERS) + " (default"
+        " all; the plain pynetdicom ones take ~50 s a run at N = 1000)",
     )
     p.add_argument("--skip-memory", action="store_true", help="skip the 1 GiB instance job")
     p.add_argument("--skip-orthanc", action="store_true", help="do not compare with Orthanc")
@@ -91,6 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.count < 1 or a.runs < 1 or a.idle_seconds <= 0:
         p.error("--count and --runs must be >= 1, --idle-seconds > 0")
+    unknown = sorted(set(a.send_senders) - set(SEND_SENDERS))
+    if unknown or not a.send_senders:
+        p.error(f"--send-senders: choose from {','.join(SEND_SENDERS)} (got {','.join(unknown) or 'none'})")
     if a.queue == "postgres" and not a.postgres_dsn:
         p.error("--queue postgres needs --postgres-dsn DSN (or INTU_BENCH_POSTGRES_DSN)")
     return a

@@ -77,23 +77,24 @@ class IntuGroup(click.Group):
         super().__init__(*args, **kwargs)
         self._plugins_added = False
 
-    def _add_plugin_commands(self) -> None:
+    def _add_plugin_commands(self, ctx: click.Context) -> None:
         if self._plugins_added:
             return
         self._plugins_added = True
-        for command in load_plugins().commands():
+        # The registry the command will use too: entry points are read and hooks called once.
+        for command in ctx.ensure_object(CliState).registry().commands():
             if command.name in self.commands:
                 logging.getLogger("intu.plugins").warning("command %r already exists; skipped", command.name)
                 continue
             self.add_command(command)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        self._add_plugin_commands()
+        self._add_plugin_commands(ctx)
         return super().list_commands(ctx)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in self.commands:
-            self._add_plugin_commands()
+            self._add_plugin_commands(ctx)
         return super().get_command(ctx, name)
 
 

@@ -13,6 +13,9 @@ from measure import log, median, run_timed, tail
 from peers import SCP_AET, Peers, peer_env, storescp
 from study import Study
 
+# Every sender the job can run (bench/run.py --send-senders chooses), storescu the reference.
+SENDERS = ("storescu", "pynetdicom", "pynetdicom_nodelay", "intu")
+
 # Plain pynetdicom as its documentation shows it: one association, send_c_store(path) per file.
 PYNETDICOM_SEND = r"""
 import sys, time
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace, base: Path, study: Study, peers: Peers, result
     dicom send`, each to a fresh ``storescp --ignore --fork``."""
     n = args.count
     out: dict[str, Any] = {
-        "runs": {"storescu": [], "pynetdicom": [], "pynetdicom_nodelay": [], "intu": []},
+        "runs": {name: [] for name in SENDERS},
         "notes": [],
     }
     results["send"] = out
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace, base: Path, study: Study, peers: Peers, result
     project = write_send_project(base / "send-project", free_port())
     validate_project(project)
     for r in range(args.runs):
-        for name in ("storescu", "pynetdicom", "pynetdicom_nodelay", "intu"):
+        for name in getattr(args, "send_senders", SENDERS):
             scp = storescp(base, f"send-{name}-{r}", ignore=True)
             port = scp.port
             try:

@@ -19,16 +19,16 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # PS3.5 9.1; at most 64 characters, che
 
 @hookimpl
 def intu_destination_types() -> list[DestinationType]:
-    """The `dicom` destination type (C-STORE SCU)."""
-    from intu_dicom_destination.scu.destination import DESTINATION_TYPE
+    """The `dicom` destination type (C-STORE SCU); pydicom is imported when one is created."""
+    from intu_dicom_destination.registration import DESTINATION_TYPE
 
     return [DESTINATION_TYPE]
 
 
 @hookimpl
 def intu_source_types() -> list[SourceType]:
-    """The `dicom` source type (C-STORE SCP)."""
-    from intu_dicom_destination.scp.source import SOURCE_TYPE
+    """The `dicom` source type (C-STORE SCP); pydicom is imported when one is created."""
+    from intu_dicom_destination.registration import SOURCE_TYPE
 
     return [SOURCE_TYPE]
 
