@@ -357,7 +357,11 @@ class Engine:
         try:
             self.start()
             log.info("intu is serving %d channel(s); data in %s", len(self.channels), self.project.data_dir)
-            wake.wait()
+            # Woken twice a second: Python runs a signal's handler in the main thread only, and a
+            # SIGTERM the kernel hands to another thread does not end an untimed wait (one CI run
+            # of test_sigterm_while_receiving never logged "received SIGTERM" within 60 s).
+            while not wake.wait(0.5):
+                pass
         finally:
             self.stop()
             for s, handler in previous.items():

@@ -6,18 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 from unittest.mock import patch
 
+import pydicom.data
 import pytest
 from intu_dicom_destination.body import model, rawscan
 from intu_dicom_destination.scp.checks import _CHECKED, check_body
 from intu_dicom_destination.testing import write_ct_series
 from pydicom import dcmread
-from pydicom.data import get_testdata_files
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 
 def _corpus() -> list[Path]:
-    return sorted({Path(p) for p in get_testdata_files("*.dcm")})
+    """pydicom's bundled test files (``get_testdata_files`` would also download its external ones)."""
+    return sorted((Path(pydicom.data.__file__).parent / "test_files").rglob("*.dcm"))
 
 
 def _same(path: Path) -> bool:

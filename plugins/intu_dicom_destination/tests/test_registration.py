@@ -83,16 +83,22 @@ def test_the_send_command_imports_pynetdicom_once_before_forking_without_request
     assert {"pynetdicom", "pydicom"} <= set(_heavy_modules_after(code))
 
 
-def test_a_deferred_module_is_loaded_on_first_use() -> None:
+def test_a_deferred_module_is_loaded_on_first_use(tmp_path: Path) -> None:
+    """With a module of our own (``requests``, which ``intu dicom send`` defers, is optional and
+    absent from a clean install): imported in the block, executed on first use only."""
+    (tmp_path / "heavy_module.py").write_text("import sys\nsys.executed = True\nVALUE = 42\n")
     code = (
         "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
         "from intu_dicom_destination.shared.imports import deferred_imports\n"
-        "with deferred_imports('requests'):\n"
-        "    import pydicom.data.download\n"
-        "assert 'urllib3' not in sys.modules\n"
-        "import requests\n"
-        "assert callable(requests.get) and 'urllib3' in sys.modules\n"
-        "assert pydicom.data.download.requests.get is requests.get\n"
+        "with deferred_imports('heavy_module', 'not_installed_anywhere'):\n"
+        "    import heavy_module\n"
+        "    try:\n"
+        "        import not_installed_anywhere\n"
+        "    except ImportError:\n"
+        "        pass\n"
+        "assert not hasattr(sys, 'executed')\n"
+        "assert heavy_module.VALUE == 42 and sys.executed\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
