@@ -200,13 +200,19 @@ def test_health_readiness_and_metrics(engine: Any) -> None:
     engine_deliver(engine, "inbound", Message(body={"n": 3}))
     wait_for(lambda: request(port, "GET", "/api/v1/dead-letters").body["dead_letters"])
 
-    answer = request(port, "GET", "/metrics")
-    assert answer.status == 200 and answer.headers["content-type"].startswith("text/plain; version=0.0.4")
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(answer.raw.decode())
-        for s in family.samples
-    }
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        answer = request(port, "GET", "/metrics")
+        assert answer.status == 200 and answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(answer.raw.decode())
+            for s in family.samples
+        }
+
+    # The worker counts the dead letter just after the store shows it (the delivery's histogram
+    # before): wait for that count, then read them all.
+    dead = ("intu_messages_dead_lettered_total", (("destination", "pacs"),))
+    samples = wait_for(lambda: (found := scrape()).get(dead) and found)
     assert samples[("intu_messages_received_total", (("channel", "inbound"),))] == 1
     assert samples[("intu_messages_dead_lettered_total", (("destination", "pacs"),))] == 1
     assert samples[("intu_queue_dead_letters", (("queue", "pacs"),))] == 1
