@@ -116,6 +116,25 @@ def _click(driver: WebDriver, selector: str) -> None:
     _now(driver, lambda d: d.find_element(By.CSS_SELECTOR, selector).click())
 
 
+def _click_until(
+    driver: WebDriver, selector: str, what: str, predicate: Callable[[WebDriver], object]
+) -> None:
+    """Click ``selector`` and wait for ``predicate``, clicking again (at most every 3 s) while it
+    is false: the table re-renders every 2 s, and a click can land on the row it just replaced
+    (one CI run never opened the journey)."""
+    clicked = [0.0]
+
+    def check(d: WebDriver) -> object:
+        if predicate(d):
+            return True
+        if time.monotonic() - clicked[0] > 3.0:
+            clicked[0] = time.monotonic()
+            d.find_element(By.CSS_SELECTOR, selector).click()
+        return False
+
+    _until(driver, what, check)
+
+
 def _tags(driver: WebDriver) -> dict[str, str]:
     rows = driver.find_elements(By.CSS_SELECTOR, "#journey-tags tbody tr[data-keyword]")
     return {row.get_attribute("data-keyword") or "": row.find_element(By.TAG_NAME, "td").text for row in rows}
@@ -214,8 +233,12 @@ def test_dashboard_shows_the_routed_study_and_retries_its_dead_letters(
 
         # A dead message's journey and its DICOM tags by keyword.
         dead = next(r["id"] for r in _now(browser, _message_rows) if r["status"] == "dead")
-        _click(browser, f'#message-table tr[data-message-id="{dead}"] button.link')
-        _until(browser, "the journey up to the dead letter", lambda d: "dead" in _journey_kinds(d))
+        _click_until(
+            browser,
+            f'#message-table tr[data-message-id="{dead}"] button.link',
+            "the journey up to the dead letter",
+            lambda d: "dead" in _journey_kinds(d),
+        )
         kinds = _now(browser, _journey_kinds)
         assert kinds[0] == "received" and "queued" in kinds, kinds
         tags = _now(browser, _tags)
