@@ -177,6 +177,22 @@ def serve(ctx: click.Context) -> None:
         logging.getLogger("intu.engine").debug("start failed", exc_info=True)
         click.echo(f"intu serve: {exc}", err=True)
         ctx.exit(1)
+    if engine.failure is not None:  # e.g. its delivery process ended
+        click.echo(f"intu serve: {engine.failure}", err=True)
+        ctx.exit(1)
+
+
+@cli.command("delivery-process", hidden=True)
+@click.option("--wake-fd", type=int, required=True, help="Read queue names to wake; end of file: stop.")
+@click.option("--status-fd", type=int, required=True, help="Write a JSON report twice a second.")
+@click.pass_context
+def delivery_process(ctx: click.Context, wake_fd: int, status_fd: int) -> None:
+    """The process that `intu serve` starts to send to queued destinations (delivery.process)."""
+    from intu_core.delivery_process import run_delivery_process
+
+    state: CliState = ctx.find_object(CliState)  # type: ignore[assignment]
+    project = load_project_from_context(ctx)
+    ctx.exit(run_delivery_process(project, state.registry(), wake_fd, status_fd))
 
 
 @cli.command()

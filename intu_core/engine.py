@@ -23,13 +23,20 @@ from typing import Any
 from intu_core.config.problems import ConfigError, Problem
 from intu_core.config.project import ChannelConfig, DestinationConfig, Project
 from intu_core.delivery import DeliveryWorkers, RetryPolicy
+from intu_core.delivery_process import (
+    DeliveryProcess,
+    RemoteWorkers,
+    create_destination,
+    destinations_in_use,
+    queued_workers,
+)
 from intu_core.history import Event, EventKind
 from intu_core.logfmt import message_fields
 from intu_core.message import Acceptance, AcceptanceStatus, Message, SendResult, SendStatus
 from intu_core.metrics import CounterChild, EngineMetrics, MetricsRegistry
 from intu_core.pipeline import Pipeline
 from intu_core.plugins import PluginRegistry
-from intu_core.queue import DEFAULT_LEASE_S, QueueStore, QueueUnavailable, channel_queue
+from intu_core.queue import QueueStore, QueueUnavailable, channel_queue
 from intu_core.queue.opener import open_queue
 from intu_core.queue.sqlite import DB_NAME
 from intu_core.spool import SPOOL, quarantine_orphans
@@ -72,7 +79,11 @@ class Engine:
         self.store: QueueStore | None = None
         self.destinations: dict[str, Destination] = {}
         self.destination_configs: dict[str, DestinationConfig] = {}
-        self.workers: dict[str, DeliveryWorkers] = {}
+        # A queue's workers; RemoteWorkers for those its delivery process runs (delivery.process).
+        self.workers: dict[str, DeliveryWorkers | RemoteWorkers] = {}
+        self._delivery_process: DeliveryProcess | None = None
+        self.failure: str | None = None  # why the engine stopped on its own (serve exits 1)
+        self._wake = threading.Event()  # serve_forever returns when set
         self.channels: list[ChannelRuntime] = []
         self.metrics = MetricsRegistry()
         self.engine_metrics = EngineMetrics.register(self.metrics)
@@ -118,22 +129,13 @@ class Engine:
         except BaseException:
             self._lock_file.close()
             raise
-        for channel in enabled:
-            for used in channel.destinations:
-                self.destination_configs.setdefault(used.destination.name, used.destination)
+        self.destination_configs.update(destinations_in_use(self.project))
         problems: list[Problem] = []
         for name, config in self.destination_configs.items():
-            registered, why = self.registry.lookup("destination", config.type)
-            assert registered is not None, why  # load_project checked every type
-            runtime = Runtime(
-                name,
-                self.project.data_dir,
-                logging.getLogger(f"intu.destination.{name}"),
-                self.registry.hook,
-                self.metrics,
-            )
             try:
-                self.destinations[name] = registered.create(config.settings, runtime)
+                self.destinations[name] = create_destination(
+                    self.registry, self.project, name, config, self.metrics
+                )
             except Exception as exc:  # e.g. a certificate file that cannot be loaded
                 problems.append(
                     Problem(config.file, f"destinations.{name}", f"cannot create the destination: {exc}")
@@ -232,19 +234,17 @@ class Engine:
                 target=self._expire_history, name="intu-history-sweep", daemon=True
             )
             self._history_sweep.start()
-        for name, config in self.destination_configs.items():
-            if config.queue.enabled:
-                workers = DeliveryWorkers(
+        queued = [name for name, config in self.destination_configs.items() if config.queue.enabled]
+        if queued and self.project.delivery.process:
+            self._start_delivery_process(queued)
+        else:
+            for name in queued:
+                workers = queued_workers(
                     self.store,
                     name,
                     self.destinations[name],
-                    config.retry,
-                    config.queue.threads,
-                    logging.getLogger(f"intu.destination.{name}"),
-                    metrics=self.engine_metrics,
-                    # A shared queue's backend sets how long a claim lasts (how soon another node
-                    # takes over a dead node's entries); the embedded one keeps the default.
-                    lease_s=getattr(self.store, "lease_s", DEFAULT_LEASE_S),
+                    self.destination_configs[name],
+                    self.engine_metrics,
                 )
                 workers.start()
                 self.workers[name] = workers
@@ -267,6 +267,22 @@ class Engine:
             log.info("channel %s: %s source started", channel.config.name, channel.config.source.type)
         self._started = True
         self.registry.hook.intu_engine_started(engine=self.view)
+
+    def _start_delivery_process(self, queued: list[str]) -> None:
+        store = self.store
+        assert store is not None
+        process = DeliveryProcess(self.project, store.size, self.fail)
+        process.start()  # RuntimeError if it cannot: serve says so and exits 1
+        self._delivery_process = process
+        self.metrics.include(process.metrics)
+        for name in queued:
+            self.workers[name] = RemoteWorkers(process, name)
+
+    def fail(self, reason: str) -> None:
+        """Stop the engine because of ``reason`` (logged; ``serve`` then exits with status 1)."""
+        log.error("%s: stopping", reason)
+        self.failure = reason
+        self._wake.set()
 
     def _sweep_spool(self) -> None:
         """Move spooled files that no entry refers to into quarantine, never delete them: a crash
@@ -347,7 +363,7 @@ class Engine:
 
     def serve_forever(self) -> None:
         """Run until SIGINT or SIGTERM, then stop gracefully."""
-        wake = threading.Event()
+        wake = self._wake
 
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("received %s: stopping", signal.Signals(signum).name)

@@ -24,7 +24,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 # Prometheus's rules, so that every name can be exported unchanged.
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
@@ -292,6 +292,15 @@ class MetricsRegistry:
     def __init__(self) -> None:
         self._families: dict[str, Counter | Gauge | Histogram] = {}
         self._lock = threading.Lock()
+        self._included: list[Callable[[], MetricsSnapshot]] = []
+
+    def include(self, source: Callable[[], MetricsSnapshot]) -> None:
+        """Add what ``source`` returns to every ``collect()``: the families of another process
+        (``intu_core.delivery_process``). A sample with the same name and labels as one of ours
+        is added to it (counters and histograms count different work in each process; a gauge
+        set in both would be summed, so only one of them sets it)."""
+        with self._lock:
+            self._included.append(source)
 
     def counter(self, name: str, help: str, labels: Sequence[str] = ()) -> Counter:
         """Declare (or get) the counter family ``name``."""
@@ -329,7 +338,66 @@ class MetricsRegistry:
         """A snapshot of every family, sorted by name (what a ``/metrics`` endpoint exports)."""
         with self._lock:
             families = sorted(self._families.values(), key=lambda f: f.name)
-        return MetricsSnapshot(tuple(f._snapshot() for f in families))
+            included = list(self._included)
+        own = MetricsSnapshot(tuple(f._snapshot() for f in families))
+        return merge_snapshots([own, *(source() for source in included)]) if included else own
+
+
+def merge_snapshots(snapshots: Sequence[MetricsSnapshot]) -> MetricsSnapshot:
+    """One snapshot of several (of processes that share the work): families by name, the values
+    of samples with the same name and labels added, sorted by family name."""
+    merged: dict[str, tuple[FamilySnapshot, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for snapshot in snapshots:
+        for family in snapshot:
+            first, values = merged.setdefault(family.name, (family, {}))
+            for sample in family.samples:
+                key = (sample.name, tuple(sample.labels.items()))
+                values[key] = values.get(key, 0.0) + sample.value
+    return MetricsSnapshot(
+        tuple(
+            FamilySnapshot(
+                family.name,
+                family.help,
+                family.kind,
+                family.label_names,
+                tuple(Sample(name, dict(labels), value) for (name, labels), value in values.items()),
+            )
+            for family, values in (merged[name] for name in sorted(merged))
+        )
+    )
+
+
+def snapshot_to_json(snapshot: MetricsSnapshot) -> list[dict[str, object]]:
+    """A snapshot as plain JSON values (``snapshot_from_json`` reads it back)."""
+    return [
+        {
+            "name": f.name,
+            "help": f.help,
+            "kind": f.kind,
+            "labels": list(f.label_names),
+            "samples": [[s.name, s.labels, s.value] for s in f.samples],
+        }
+        for f in snapshot
+    ]
+
+
+def snapshot_from_json(data: list[dict[str, Any]]) -> MetricsSnapshot:
+    """The snapshot that ``snapshot_to_json`` wrote."""
+    return MetricsSnapshot(
+        tuple(
+            FamilySnapshot(
+                str(f["name"]),
+                str(f["help"]),
+                str(f["kind"]),
+                tuple(str(label) for label in f["labels"]),
+                tuple(
+                    Sample(str(name), {str(k): str(v) for k, v in labels.items()}, float(value))
+                    for name, labels, value in f["samples"]
+                ),
+            )
+            for f in data
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -427,4 +495,7 @@ __all__ = [
     "MetricsRegistry",
     "MetricsSnapshot",
     "Sample",
+    "merge_snapshots",
+    "snapshot_from_json",
+    "snapshot_to_json",
 ]

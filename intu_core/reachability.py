@@ -95,15 +95,15 @@ class Reachability:
 
     def state(self) -> DestinationState:
         """The state now, with the number of entries waiting."""
+        up, since, last_error = self.snapshot()
+        return DestinationState(up=up, since=since, last_error=last_error, waiting=self._count_waiting())
+
+    def snapshot(self) -> tuple[bool, float, str]:
+        """``state()`` without counting the entries waiting: up, since, last error."""
         with self._lock:
             down, since, error = self.is_down(), self._down_since, self._last_error
             up_since = self._since
-        return DestinationState(
-            up=not down,
-            since=since if down and since is not None else up_since,
-            last_error=error if down else "",
-            waiting=self._count_waiting(),
-        )
+        return not down, since if down and since is not None else up_since, error if down else ""
 
     def next_probe_delay(self) -> float:
         """Seconds to wait before the next probe: doubling from ``probe_first_s`` to ``probe_max_s``."""

@@ -1,8 +1,10 @@
-"""Helpers for engine tests: project files on disk, plugins 'installed' as dist-info."""
+"""Helpers for engine tests: project files on disk, plugins 'installed' as dist-info, waiting."""
 
 from __future__ import annotations
 
 import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -27,3 +29,13 @@ def fake_distribution(
     for name, source in (modules or {}).items():
         write(site / f"{name}.py", source)
     return site
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> bool:
+    """Whether ``predicate()`` became true within ``timeout`` seconds (asked every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False

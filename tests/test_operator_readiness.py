@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from project_files import write
+from project_files import wait_for, write
 
 from intu_core import DestinationType, Message, SendResult, hookimpl
 from intu_core.config.section import Section
@@ -90,15 +89,6 @@ def project(tmp_path: Path, *, min_free_disk_mb: int = 0, source: str = "manual"
         f"source: {{type: {source}}}\ndestinations: [pacs]\n",
     )
     return tmp_path
-
-
-def wait_for(predicate: Any, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_retry_puts_a_dead_letter_back_and_wakes_its_workers(tmp_path: Path) -> None:

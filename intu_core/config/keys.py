@@ -18,7 +18,7 @@ from intu_core.config.yamlfile import line_of
 
 # The top-level keys of intu.yaml that the core reads; a plugin's settings block cannot use them.
 CORE_TOP_LEVEL_KEYS = frozenset(
-    {"channels_dir", "data_dir", "min_free_disk_mb", "destinations", "queue", "history"}
+    {"channels_dir", "data_dir", "min_free_disk_mb", "destinations", "queue", "history", "delivery"}
 )
 
 

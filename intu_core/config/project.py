@@ -51,6 +51,15 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class DeliverySettings:
+    """The top-level ``delivery:`` block. ``process``: queued destinations are sent to from a
+    process of their own (``intu_core.delivery_process``), so that receiving and delivering run
+    on two cores instead of taking turns on one interpreter lock."""
+
+    process: bool = False
+
+
+@dataclass(frozen=True)
 class ChannelDestination:
     """A destination as one channel uses it, with its own filter and transformer."""
 
@@ -91,6 +100,8 @@ class Project:
     plugin_settings: Mapping[str, Any] = field(default_factory=dict)
     # The top-level history: block (how long the message history is kept).
     history: HistorySettings = field(default_factory=HistorySettings)
+    # The top-level delivery: block (where queued destinations are sent to from).
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
 
     def destination(self, name: str) -> DestinationConfig:
         try:
@@ -126,6 +137,7 @@ def load_project(path: Path, registry: PluginRegistry, env: Mapping[str, str] | 
     min_free = top.int("min_free_disk_mb", 512, min=0)
     queue = _parse_queue(top.section("queue"), registry)
     history = _parse_history(top.section("history"))
+    delivery = _parse_delivery(top.section("delivery"))
 
     destinations: dict[str, DestinationConfig] = {}
     dest_section = top.section("destinations")
@@ -169,6 +181,7 @@ def load_project(path: Path, registry: PluginRegistry, env: Mapping[str, str] | 
         channels=tuple(channels),
         plugin_settings=plugin_settings,
         history=history,
+        delivery=delivery,
     )
 
 
@@ -211,6 +224,14 @@ def _parse_history(section: Section) -> HistorySettings:
     settings = HistorySettings(
         retention_days=section.float("retention_days", HistorySettings.retention_days, min=0.0)
     )
+    section.done()
+    return settings
+
+
+def _parse_delivery(section: Section) -> DeliverySettings:
+    """The top-level ``delivery:`` block: ``process`` (send to queued destinations from a process
+    of their own)."""
+    settings = DeliverySettings(process=section.bool("process", DeliverySettings.process))
     section.done()
     return settings
 

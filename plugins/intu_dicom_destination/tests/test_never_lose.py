@@ -201,7 +201,10 @@ def serve(project: Path, port: int, cleanup: list[Any]) -> IntuProcess:
 
 # -- 1. crash test ---------------------------------------------------------------------------------
 @pytest.mark.interop
-def test_sigkill_during_receive_and_forward_loses_nothing_acknowledged(tmp_path: Path, cleanup) -> None:
+@pytest.mark.parametrize("delivery_process", [False, True], ids=["one-process", "delivery-process"])
+def test_sigkill_during_receive_and_forward_loses_nothing_acknowledged(
+    tmp_path: Path, cleanup, delivery_process: bool
+) -> None:
     paths, datasets = series(tmp_path / "series", 300, size_kib=16)
     pacs = Scp(ae_title="PACS").start()
     cleanup.append(pacs)
@@ -211,6 +214,9 @@ def test_sigkill_during_receive_and_forward_loses_nothing_acknowledged(tmp_path:
         transformer=SEED_TRANSFORMER,
         queue="{enabled: true, threads: 2}",
     )  # fmt: skip
+    if delivery_process:  # SIGKILL of the engine takes its delivery process with it
+        with (project / "intu.yaml").open("a") as config:
+            config.write("delivery: {process: true}\n")
     acked: set[str] = set()
     recovered_expected = 0  # in-flight entries found after each kill
 

@@ -356,8 +356,9 @@ def test_a_port_in_use_stops_serve_with_a_clear_error(tmp_path: Path) -> None:
 
 
 # -- 2. untouched round trip is byte-identical -----------------------------------------------------
+@pytest.mark.parametrize("delivery_process", [False, True], ids=["one-process", "delivery-process"])
 def test_round_trip_leaves_untouched_instances_byte_identical_and_keeps_edited_pixels(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, delivery_process: bool
 ) -> None:
     # DCMTK storescp in bit-preserving mode writes the dataset exactly as it came off the wire.
     inbox = tmp_path / "storescp"
@@ -365,6 +366,9 @@ def test_round_trip_leaves_untouched_instances_byte_identical_and_keeps_edited_p
     try:
         plain_port, edited_port = free_port(), free_port()
         project = write_router_project(tmp_path / "project", router_port=plain_port, pacs_port=scp.port)
+        if delivery_process:  # the same, sent from a process of its own (docs/guide.md)
+            with (project / "intu.yaml").open("a") as config:
+                config.write("delivery: {process: true}\n")
         edited = project / "channels" / "edited-router"
         edited.mkdir()
         (edited / "channel.yaml").write_text(
@@ -389,6 +393,7 @@ def test_round_trip_leaves_untouched_instances_byte_identical_and_keeps_edited_p
                 assert statuses == [0] * len(files), serve.log_text()[-3000:]
             total = len(plain_files) + len(edited_files)
             assert wait_until(lambda: len(list(inbox.iterdir())) >= total, 30), serve.log_text()[-3000:]
+            assert ("process of their own" in serve.log_text()) == delivery_process
             assert serve.stop() == 0
     finally:
         scp.stop()

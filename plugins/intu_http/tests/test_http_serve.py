@@ -70,13 +70,25 @@ def destination(port: int, name: str = PACS) -> dict[str, Any]:
     return found
 
 
+DELIVERY_PROCESS = pytest.mark.parametrize(
+    "delivery_process", [False, True], ids=["one-process", "delivery-process"]
+)
+
+
+def delivered_metric(port: int) -> float:
+    return metric_samples(port).get(("intu_messages_delivered_total", (("destination", PACS),)), 0.0)
+
+
+@DELIVERY_PROCESS
 def test_api_metrics_and_history_match_what_storescp_received(
-    tmp_path: Path, storescp: Callable[..., Any]
+    tmp_path: Path, storescp: Callable[..., Any], delivery_process: bool
 ) -> None:
     pacs = storescp("PACS")
     router_port, http_port = free_port(), free_port()
     project = write_router_project(tmp_path / "project", router_port=router_port, pacs_port=pacs.port)
     add_http(project, http_port)
+    if delivery_process:  # its metrics and states reach the engine's API (docs/guide.md)
+        append(project, "delivery: {process: true}")
     files = write_ct_series(tmp_path / "study", 3, size_kib=16)
     sent = [pydicom.dcmread(f) for f in files]
     study_uid = str(sent[0].StudyInstanceUID)
@@ -101,6 +113,9 @@ def test_api_metrics_and_history_match_what_storescp_received(
 
         state = destination(http_port)
         assert (state["depth"], state["dead"], state["failed"], state["queued"]) == (0, 0, 0, True)
+        assert state["state"]["up"] is True, state
+        # A delivery process reports its counts twice a second.
+        assert wait_until(lambda: delivered_metric(http_port) == 3, timeout=10)
         samples = metric_samples(http_port)
         assert samples[("intu_messages_received_total", (("channel", CHANNEL),))] == 3
         assert samples[("intu_messages_delivered_total", (("destination", PACS),))] == 3
@@ -133,8 +148,9 @@ def test_api_metrics_and_history_match_what_storescp_received(
         assert unknown.status == 404 and "no-such-message" in unknown.body["error"]
 
 
+@DELIVERY_PROCESS
 def test_a_refused_instance_is_a_dead_letter_until_the_operator_retries_it(
-    tmp_path: Path, scp_factory: Callable[..., Scp]
+    tmp_path: Path, scp_factory: Callable[..., Scp], delivery_process: bool
 ) -> None:
     # The PACS refuses the second C-STORE it sees (0xA900: permanent), then takes everything.
     pacs = scp_factory(ae_title="PACS", status=lambda n, event: 0xA900 if n == 2 else 0x0000)
@@ -146,6 +162,8 @@ def test_a_refused_instance_is_a_dead_letter_until_the_operator_retries_it(
         queue="{enabled: true, threads: 1}",  # in order: the second instance is the refused one
     )
     add_http(project, http_port)
+    if delivery_process:  # the operator's retry wakes the delivery process through its pipe
+        append(project, "delivery: {process: true}")
     files = write_ct_series(tmp_path / "study", 3, size_kib=16)
     sent = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, files)}
 
@@ -181,6 +199,7 @@ def test_a_refused_instance_is_a_dead_letter_until_the_operator_retries_it(
         assert kinds.index("dead") < kinds.index("retried") < len(kinds) - 1, kinds
         (refusal,) = [e for e in journey["events"] if e["kind"] == "dead"]
         assert refusal["code"] == 0xA900 and journey["message"]["status"] == "delivered"
+        assert wait_until(lambda: delivered_metric(http_port) == 3, timeout=10)
         samples = metric_samples(http_port)
         assert samples[("intu_messages_dead_lettered_total", (("destination", PACS),))] == 1
         assert samples[("intu_messages_delivered_total", (("destination", PACS),))] == 3
