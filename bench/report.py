@@ -97,6 +97,7 @@ def render(results: dict[str, Any]) -> str:
         labels = {
             "direct": "storescu -> storescp (direct)",
             "intu": "intu serve (durable queue)",
+            "intu_proc": "intu serve, delivery process",
             "orthanc": "Orthanc (store + Lua forward)",
             "orthanc_rest": "Orthanc (store, then REST store)",
         }
@@ -118,7 +119,8 @@ def render(results: dict[str, Any]) -> str:
         lines.append(
             f"  intu / Orthanc seconds: {fmt(rt.get('intu_over_orthanc_seconds'), '.3f')} (vs the faster "
             f"Orthanc way; Lua {fmt(rt.get('intu_over_orthanc_lua_seconds'), '.3f')}, "
-            f"REST {fmt(rt.get('intu_over_orthanc_rest_seconds'), '.3f')})"
+            f"REST {fmt(rt.get('intu_over_orthanc_rest_seconds'), '.3f')}); with its delivery process: "
+            f"{fmt(rt.get('intu_proc_over_orthanc_seconds'), '.3f')}"
         )
     lines.append("")
     mem = results.get("memory", {"skipped": "not run (--skip-memory / --only)"})

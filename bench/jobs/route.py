@@ -22,7 +22,7 @@ from intu import (
     write_route_project,
 )
 from intu_dicom_destination.testing import IntuProcess, Peer, free_port, start_process
-from measure import count_files, log, median, proc_cpu_seconds, proc_status_kib, tail, wait_count
+from measure import count_files, log, median, proc_status_kib, tail, tree_cpu_seconds, wait_count
 from peers import ORTHANC_CLOSE_DELAY, SCP_AET, Peers, orthanc, orthanc_rest_forward, peer_env, storescp
 from study import Study
 
@@ -91,9 +91,12 @@ def route_once(
             target_port, called = ports[0], INTU_SCP_AET
         elif kind == "direct":
             target_port, called = scp_port, SCP_AET
-        elif kind == "intu":
+        elif kind in ("intu", "intu_proc"):
             target_port, called = free_port(), INTU_SCP_AET
             project = write_route_project(base / tag, target_port, scp_port)
+            if kind == "intu_proc":  # queued destinations sent to from a process of their own
+                with (project / "intu.yaml").open("a") as config:
+                    config.write("delivery: {process: true}\n")
             if args.http:
                 http_port = free_port()
                 with (project / "intu.yaml").open("a") as config:
@@ -110,9 +113,9 @@ def route_once(
             middle, http_port, target_port, called = box.proc, box.http_port, box.port, box.ae_title
         else:
             raise ValueError(kind)
-        cpu0 = proc_cpu_seconds(middle.pid) if middle else 0.0
+        cpu0 = tree_cpu_seconds(middle.pid) if middle else 0.0
         pids = [node.proc.pid for node in nodes if node.proc is not None]
-        cpu0_nodes = [proc_cpu_seconds(pid) for pid in pids]
+        cpu0_nodes = [tree_cpu_seconds(pid) for pid in pids]
         t0 = time.perf_counter()
         # Senders at the same time, each with its share of the study: one per node with several
         # nodes, else --senders of them to the one target (modalities sending concurrently).
@@ -158,12 +161,12 @@ def route_once(
             res.update(study.received_uids_check(out_dir))
         if len(nodes) > 1:  # every node's CPU
             res["middle_cpu_seconds"] = sum(
-                proc_cpu_seconds(pid) - c for pid, c in zip(pids, cpu0_nodes, strict=True)
+                tree_cpu_seconds(pid) - c for pid, c in zip(pids, cpu0_nodes, strict=True)
             )
             res["middle_peak_rss_mib"] = max(proc_status_kib(pid, "VmHWM") / 1024 for pid in pids)
             res["middle_alive"] = all(node.proc is not None and node.proc.poll() is None for node in nodes)
         elif middle is not None:
-            res["middle_cpu_seconds"] = proc_cpu_seconds(middle.pid) - cpu0
+            res["middle_cpu_seconds"] = tree_cpu_seconds(middle.pid) - cpu0
             res["middle_peak_rss_mib"] = proc_status_kib(middle.pid, "VmHWM") / 1024
             res["middle_alive"] = middle.poll() is None
         if res["seconds"] is None or scu_rc != 0 or not res.get("uids_match", True):
@@ -195,7 +198,10 @@ def route_once(
 def run(args: argparse.Namespace, base: Path, study: Study, peers: Peers, results: dict[str, Any]) -> None:
     """storescu -> [nothing | intu serve | Orthanc with Lua | Orthanc with REST] -> storescp."""
     n = args.count
-    out: dict[str, Any] = {"runs": {"direct": [], "intu": [], "orthanc": [], "orthanc_rest": []}, "notes": []}
+    out: dict[str, Any] = {
+        "runs": {"direct": [], "intu": [], "intu_proc": [], "orthanc": [], "orthanc_rest": []},
+        "notes": [],
+    }
     postgres = args.queue == "postgres"
     if postgres:
         out["runs"].update({"intu_pg1": [], "intu_pg2": []})
@@ -220,7 +226,11 @@ def run(args: argparse.Namespace, base: Path, study: Study, peers: Peers, result
         "associations (intu: 2 queue threads) are not serialised; seconds = storescu start to the "
         "N-th file in storescp's output folder"
     )
-    kinds = ["direct", "intu", *(["intu_pg1", "intu_pg2"] if postgres else [])]
+    kinds = ["direct", "intu", "intu_proc", *(["intu_pg1", "intu_pg2"] if postgres else [])]
+    out["notes"].append(
+        "intu_proc: the same intu serve with delivery: {process: true} (queued destinations sent to"
+        " from a process of their own); cpu s is both processes'"
+    )
     if postgres:
         out["notes"].append(
             "intu_pg1/intu_pg2: one or two intu serve nodes on one PostgreSQL queue (a fresh schema per"
@@ -282,7 +292,8 @@ def run(args: argparse.Namespace, base: Path, study: Study, peers: Peers, result
     med = {k: {"seconds": median([x.get("seconds") for x in v])} for k, v in out["runs"].items()}
     for v in med.values():
         v["images_per_s"] = n / v["seconds"] if v["seconds"] else None
-    med["intu"]["cpu_seconds"] = median([x.get("middle_cpu_seconds") for x in out["runs"]["intu"]])
+    for k in ("intu", "intu_proc"):
+        med[k]["cpu_seconds"] = median([x.get("middle_cpu_seconds") for x in out["runs"][k]])
     for k in ("orthanc", "orthanc_rest"):
         if out["runs"][k]:
             med[k]["cpu_seconds"] = median([x.get("middle_cpu_seconds") for x in out["runs"][k]])
@@ -299,6 +310,9 @@ def run(args: argparse.Namespace, base: Path, study: Study, peers: Peers, result
             i / med["orthanc_rest"]["seconds"] if i and med["orthanc_rest"]["seconds"] else None
         ),
         "intu_over_direct_seconds": i / d if i and d else None,
+        "intu_proc_over_orthanc_seconds": (
+            med["intu_proc"]["seconds"] / o if med["intu_proc"]["seconds"] and o else None
+        ),
         "orthanc_over_direct_seconds": o / d if o and d else None,
     }
     for k in ("intu_pg1", "intu_pg2"):
