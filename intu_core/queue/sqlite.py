@@ -876,8 +876,10 @@ class SqliteQueueStore:
                 return total
 
     def _check_reserve(self) -> None:
-        # After the reserve was given to delivery, new messages wait until it is back.
-        if self._reserve is not None and self._reserve.released and not self._reserve.ensure():
+        # After the reserve was given to delivery, new messages wait until it is back. Given by
+        # this process, or by another on the same queue (a delivery process): then it is gone.
+        reserve = self._reserve
+        if reserve is not None and (reserve.released or not reserve.path.exists()) and not reserve.ensure():
             raise QueueUnavailable(
                 "the disk is full: the queue's reserve is in use so that queued messages can be"
                 " delivered; new messages are refused until there is room for it again"

@@ -480,8 +480,9 @@ def small_filesystem(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
+@pytest.mark.parametrize("delivery_process", [False, True], ids=["one-process", "delivery-process"])
 def test_real_full_disk_answers_out_of_resources_then_recovers(
-    tmp_path: Path, cleanup, small_filesystem: Path
+    tmp_path: Path, cleanup, small_filesystem: Path, delivery_process: bool
 ) -> None:
     _, datasets = series(tmp_path / "series", 9, size_kib=64)
     pacs = Scp(ae_title="PACS").start()
@@ -494,6 +495,9 @@ def test_real_full_disk_answers_out_of_resources_then_recovers(
         retry=FAST_RETRY,
         transformer=SEED_TRANSFORMER,
     )
+    if delivery_process:  # the delivery process gives the reserve back, the engine sees it gone
+        with (project / "intu.yaml").open("a") as config:
+            config.write("delivery: {process: true}\n")
     engine = serve(project, router_port, cleanup)
     first = StoreScu(router_port).send(datasets[:3])
     assert len(first.acked) == 3
@@ -566,8 +570,9 @@ def fill(folder: Path) -> Path:
     return filler
 
 
+@pytest.mark.parametrize("delivery_process", [False, True], ids=["one-process", "delivery-process"])
 def test_full_disk_while_delivering_resumes_without_a_restart(
-    tmp_path: Path, cleanup, small_filesystem: Path
+    tmp_path: Path, cleanup, small_filesystem: Path, delivery_process: bool
 ) -> None:
     """The disk fills up while queued instances wait for a PACS that is down: sending them or
     recording their results fails for a while. Once space is freed, everything is delivered by
@@ -582,6 +587,9 @@ def test_full_disk_while_delivering_resumes_without_a_restart(
         retry=FAST_RETRY,
         transformer=SEED_TRANSFORMER,
     )
+    if delivery_process:  # the delivery process gives the reserve back, the engine sees it gone
+        with (project / "intu.yaml").open("a") as config:
+            config.write("delivery: {process: true}\n")
     engine = serve(project, router_port, cleanup)
     scu = StoreScu(router_port).send(datasets)
     assert len(scu.acked) == 5
