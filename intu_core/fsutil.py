@@ -25,6 +25,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def fdatasync_path(path: Path) -> None:
+    """fdatasync a file by its path: its data and size, not its times (what SQLite does on Linux)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a new or renamed directory entry durable (the file's own fsync does not)."""
     fsync_path(directory)

@@ -109,7 +109,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from urllib.parse import quote
 
-from intu_core.fsutil import GroupSync
+from intu_core.fsutil import GroupSync, fdatasync_path
 from intu_core.history import (
     Event,
     EventKind,
@@ -248,7 +248,7 @@ class SqliteQueueStore:
         self._lock = threading.Lock()
         self.wal_path = self.path.with_name(DB_NAME + "-wal")
         # Opened by path at each run: SQLite keeps the same file while any connection is open.
-        self._wal_sync = GroupSync(functools.partial(_fdatasync, self.wal_path))
+        self._wal_sync = GroupSync(functools.partial(fdatasync_path, self.wal_path))
         self._wal_failed = ""
         self._closed = False
         if not self.path.exists():
@@ -1318,15 +1318,6 @@ def _release(conn: sqlite3.Connection, file_lists: Iterable[list[str]]) -> list[
         (json.dumps(paths),),
     ).fetchall()
     return [row[0] for row in rows]
-
-
-def _fdatasync(path: Path) -> None:
-    # fdatasync, as SQLite itself uses on Linux: the WAL's data and its size, not its times.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink(paths: Iterable[str]) -> int:
