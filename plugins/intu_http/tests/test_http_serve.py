@@ -19,6 +19,7 @@ from intu_dicom_destination.testing import (
     Scp,
     free_port,
     require_tool,
+    start_storescp,
     wait_until,
     write_ct_series,
     write_router_project,
@@ -213,6 +214,42 @@ def test_a_refused_instance_is_a_dead_letter_until_the_operator_retries_it(
         )
         open_now = samples[("intu_dicom_scu_open_associations", (("destination", PACS),))]
         assert open_now in (0, 1) and pacs.max_active == 1
+
+
+@DELIVERY_PROCESS
+def test_a_pacs_down_then_back_is_shown_down_then_up_with_its_backlog_delivered(
+    tmp_path: Path, delivery_process: bool
+) -> None:
+    router_port, http_port, pacs_port = free_port(), free_port(), free_port()
+    project = write_router_project(
+        tmp_path / "project", router_port=router_port, pacs_port=pacs_port, pacs_ae="DCMTK_SCP"
+    )
+    add_http(project, http_port)
+    if delivery_process:  # the up/down state is the delivery process's, reported to the engine
+        append(project, "delivery: {process: true}")
+    files = write_ct_series(tmp_path / "study", 2, size_kib=16)
+
+    with IntuProcess(project, tmp_path / "logs", env={"INTU_HTTP_TOKEN": TOKEN}) as intu:
+        intu.start(router_port, http_port)
+        storescu(router_port, files)  # nothing listens at the PACS's port yet
+        assert wait_until(lambda: destination(http_port)["state"]["up"] is False, timeout=30), intu.log_text()
+        down = destination(http_port)
+        assert f"127.0.0.1:{pacs_port}" in down["state"]["last_error"] and down["depth"] == 2, down
+        samples = metric_samples(http_port)
+        assert samples[("intu_destination_up", (("destination", PACS),))] == 0
+
+        pacs = start_storescp(tmp_path / "pacs", "DCMTK_SCP", port=pacs_port, log=tmp_path / "storescp.log")
+        try:
+            assert wait_until(lambda: destination(http_port)["delivered"] == 2, timeout=60), intu.log_text()
+            assert wait_until(lambda: destination(http_port)["state"]["up"] is True, timeout=10)
+            assert wait_until(
+                lambda: metric_samples(http_port)[("intu_destination_up", (("destination", PACS),))] == 1,
+                timeout=10,
+            )
+        finally:
+            pacs.stop()
+        arrived = {str(pydicom.dcmread(p).SOPInstanceUID) for p in pacs.folder.iterdir()}
+        assert arrived == {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
 
 
 def test_readyz_is_503_with_the_reason_when_the_disk_is_below_its_reserve(tmp_path: Path) -> None:
