@@ -4,6 +4,7 @@ fsynced, folder fsynced after its rename), the folder's fsync shared among them.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -93,3 +94,26 @@ def test_begin_persist_moves_at_once_and_its_wait_reports_a_failed_fsync(
     release.set()
     with pytest.raises(OSError, match="Input/output error"):
         wait()
+
+
+def test_a_forked_child_persists_with_syncer_threads_of_its_own(tmp_path: Path) -> None:
+    """The fsyncs run in threads started on first use; a child forked after that (it has none of
+    them) starts its own instead of waiting forever on the parent's queue."""
+    persist(_temp(tmp_path, "parent"), tmp_path / "parent.dcm", ExplicitVRLittleEndian)
+    temp = _temp(tmp_path, "child")
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 once persisted; the alarm ends a hang
+        signal.alarm(30)
+        try:
+            persist(temp, tmp_path / "child.dcm", ExplicitVRLittleEndian)
+        finally:
+            os._exit(0 if (tmp_path / "child.dcm").exists() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (tmp_path / "child.dcm").read_bytes() == b"child"
+
+
+def _temp(folder: Path, name: str) -> Path:
+    temp = folder / f"{name}.tmp"
+    temp.write_bytes(name.encode())
+    return temp

@@ -34,9 +34,19 @@ def _same(path: Path) -> bool:
     )
     assert fast.has_dataset() == slow.has_dataset()
     assert fast.history_fields() == slow.history_fields()
-    with patch.object(model, "_plain_text", lambda raw, vr, ascii_text: None):
-        assert fast.history_fields() == model._scan_pydicom(path).history_fields()  # as pydicom converts
+    with patch.object(model, "_plain_text", lambda value, vr, ascii_text: None):
+        converted = model._scan_pydicom(path).history_fields()  # every text value as pydicom converts it
+        assert fast.history_fields() == converted
+    assert fast.history_fields() == converted  # the plain text (LO, SH, PN) read from the raw bytes
+    assert fast.size == slow.size == path.stat().st_size
     assert fast.model_of(_CHECKED) == slow.model_of(_CHECKED)
+    for scan in (fast, slow):  # Pixel Data's length as its BulkDataURI says
+        pixel = scan.model_of(_CHECKED).get("7FE00010")
+        if pixel is None or "BulkDataURI" not in pixel:
+            assert scan.pixel_data() is None
+        else:
+            ref = model.parse_bulk_uri(pixel["BulkDataURI"], "(7FE0,0010)")
+            assert scan.pixel_data() == (ref.length, ref.undefined)
     s = (fast.sop_class_uid, fast.sop_instance_uid, fast.transfer_syntax_uid)
     # The checks on the walk's dataset with the plain JSON of raw values, against pydicom's
     # reading with pydicom's JSON of every element.
@@ -89,3 +99,24 @@ def test_the_file_meta_read_without_pydicom_is_pydicom_s() -> None:
         )
         read += 1
     assert read > 50
+
+
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [
+        (None, "Doe^John  "),  # trailing spaces: dropped
+        ("ISO_IR 192", " Doe^John^^Dr\\Roe^Richard "),  # several names, a leading space kept
+        ("ISO_IR 100", "Doe^J=="),  # empty component groups: pydicom drops them
+        ("ISO_IR 100", "Müller^Jörg"),
+        ("ISO_IR 192", "Wang^XiaoDong=王^小東"),
+    ],
+)
+def test_person_names_in_the_history_are_pydicom_s(tmp_path: Path, charset: str | None, name: str) -> None:
+    (path,) = write_ct_series(tmp_path, 1, size_kib=8)
+    ds = dcmread(path)
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
+    ds.PatientName = name
+    ds.ReferringPhysicianName = name
+    ds.save_as(path, enforce_file_format=True)
+    assert _same(path)  # the raw text (plain ASCII) or pydicom's conversion, as pydicom shows it

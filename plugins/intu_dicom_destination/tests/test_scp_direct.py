@@ -5,6 +5,10 @@ test_interop_peers and test_fidelity_corpus."""
 from __future__ import annotations
 
 import io
+import itertools
+import os
+import stat
+from pathlib import Path
 
 import pytest
 from intu_dicom_destination.scp.direct import part10_header
@@ -74,3 +78,27 @@ def test_a_command_longer_than_the_peer_pdu_is_split_into_fragments() -> None:
 def test_a_malformed_command_set_is_refused() -> None:
     with pytest.raises(dimse.MalformedCommand):
         dimse.parse_command(b"\x00\x00\x00\x00\xff\xff\x00\x00")
+
+
+def test_temporary_files_are_new_private_and_never_reuse_a_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``_create_temp`` (``os.open`` with O_EXCL, instead of mkstemp): a name already taken is
+    skipped, never opened, and the file is readable by its owner only."""
+    from intu_dicom_destination.scp import direct
+
+    names = itertools.count()
+    monkeypatch.setattr(direct, "_temp_names", names)
+    taken = tmp_path / f"{direct._TEMP_PREFIX}-0.dcm"
+    taken.write_bytes(b"someone else's")
+    path, fd = direct._create_temp(tmp_path)
+    os.close(fd)
+    assert path == tmp_path / f"{direct._TEMP_PREFIX}-1.dcm" and path.read_bytes() == b""
+    assert taken.read_bytes() == b"someone else's"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    created = {direct._create_temp(tmp_path) for _ in range(3)}
+    for _, fd in created:
+        os.close(fd)
+    assert len({p for p, _ in created} | {path, taken}) == 5
+    with pytest.raises(FileNotFoundError):  # as mkstemp: a missing folder is the caller's error
+        direct._create_temp(tmp_path / "missing")

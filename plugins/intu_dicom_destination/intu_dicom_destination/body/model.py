@@ -5,11 +5,12 @@ bulk values left on disk as ``BulkDataURI`` references (``file:///abs/path.dcm?o
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -144,16 +145,7 @@ def _bulk_vr(raw: RawDataElement) -> str:
     """
     if raw.VR:
         return str(raw.VR)
-    try:
-        vr = dictionary_VR(raw.tag)
-    except KeyError:
-        return "UN"
-    if " or " not in vr:
-        return vr
-    choices = vr.split(" or ")
-    if "OW" in choices and ("OB" in choices or int(raw.tag) in _PIXEL_LIKE_AMBIGUOUS):
-        return "OW"
-    return vr
+    return _dictionary_bulk_vr(int(raw.tag))
 
 
 def body_from_file(path: Path) -> dict[str, Any]:
@@ -284,25 +276,70 @@ class DicomBody(dict):  # type: ignore[type-arg]
             self.update(body_from_file(Path(self["file"])))
 
 
-@dataclass(frozen=True)
 class ScannedInstance:
-    """What ``scan_file`` read: the parsed dataset (bulk values not read) and its UIDs."""
+    """What ``scan_file`` read: the file's UIDs and its top-level elements (bulk values not read).
 
-    path: Path
-    dataset: Dataset
-    transfer_syntax_uid: str
-    sop_class_uid: str
-    sop_instance_uid: str
+    A file the raw walk understood keeps the walk's index (``elements``); the checks and the
+    history read their few values from it, and the pydicom ``dataset`` is built from it only
+    when something asks for it (a value only pydicom can convert). A file pydicom read has its
+    ``dataset`` from the start."""
+
+    def __init__(
+        self,
+        path: Path,
+        dataset: Dataset | None,
+        transfer_syntax_uid: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        *,
+        elements: tuple[rawscan.TopElement, ...] | None = None,
+        size: int = -1,
+    ) -> None:
+        if dataset is None and elements is None:
+            raise ValueError("a ScannedInstance needs a dataset or the walk's elements")
+        self.path = path
+        self.transfer_syntax_uid = transfer_syntax_uid
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        #: The file's size in bytes when it was read (-1: not known).
+        self.size = size
+        self._dataset = dataset
+        # The walk's elements by tag, as a dict like pydicom's (a repeated tag: its first
+        # place, its last value).
+        self._by_tag = None if elements is None else {e.tag: e for e in elements}
+
+    @property
+    def dataset(self) -> Dataset:
+        """The parsed dataset: top-level raw elements, values over ``BULK_THRESHOLD`` deferred."""
+        if self._dataset is None:
+            assert self._by_tag is not None
+            self._dataset = _dataset_of(self._by_tag.values(), self.transfer_syntax_uid)
+        return self._dataset
 
     def model_of(self, keys: tuple[str, ...]) -> dict[str, Any]:
         """The JSON model of those top-level elements (8-hex-digit keys) that the dataset has,
         bulk values as references: for checks that read a few elements."""
-        ds = self.dataset
         model: dict[str, Any] = {}
-        elements = internals.raw_elements(ds)
         for key in keys:
             tag = int(key, 16)
-            raw = elements.get(tag)
+            if self._by_tag is not None:
+                e = self._by_tag.get(tag)
+                if e is None:
+                    continue
+                vr = _VR_NAMES[e.vr] if e.vr else _dictionary_bulk_vr(tag)
+                if tag == PIXEL_DATA:
+                    undefined = e.length == 0xFFFFFFFF
+                    uri = bulk_data_uri(
+                        self.path, e.value_offset, 0 if undefined else e.length, undefined=undefined
+                    )
+                    model[key] = {"vr": vr, "BulkDataURI": uri}
+                    continue
+                plain = _plain_json_of(vr, e.value, True) if e.value is not None else None
+                if plain is not None:
+                    model[key] = plain
+                    continue
+            ds = self.dataset
+            raw = internals.raw_elements(ds).get(tag)
             if raw is None:
                 continue
             if tag == PIXEL_DATA and isinstance(raw, RawDataElement):
@@ -314,6 +351,23 @@ class ScannedInstance:
                 continue
             model[key] = _plain_json(raw) or _element_json(ds, ds[tag].tag, key, [])
         return model
+
+    def pixel_data(self) -> tuple[int, bool] | None:
+        """Pixel Data's length in the file and whether it is undefined (encapsulated; the length
+        then 0), as its BulkDataURI in ``model_of`` says, without building and parsing the URI;
+        None when the dataset has none or pydicom converted it while reading."""
+        if self._by_tag is not None:
+            e = self._by_tag.get(PIXEL_DATA)
+            if e is None:
+                return None
+            length = e.length
+        else:
+            raw = internals.raw_elements(self.dataset).get(PIXEL_DATA)
+            if not isinstance(raw, RawDataElement):
+                return None
+            length = raw.length
+        undefined = length == 0xFFFFFFFF
+        return (0 if undefined else length), undefined
 
     def body(self) -> DicomBody:
         """A ``DicomBody`` of the scanned file, its model not built yet."""
@@ -329,6 +383,37 @@ class ScannedInstance:
         ``source``): the identifiers people search by, and a short summary of the top-level
         elements by keyword for the dashboard (text values of at most 64 characters, no binary
         values or sequences, at most ``HISTORY_TAGS`` of them)."""
+        if self._by_tag is None:
+            return self._history_from_dataset()
+        by_tag = self._by_tag
+        identifiers: dict[str, str] = {}
+        tags: dict[str, str] = {}
+        charset = by_tag.get(0x00080005)
+        ascii_text = charset is None or (
+            charset.value is not None and charset.value.strip(b" \0") in _ASCII_COMPATIBLE
+        )
+        for tag, e in by_tag.items():
+            if len(tags) >= HISTORY_TAGS and tag > 0x0020000E:
+                break  # the identifiers are all in groups 0008-0020
+            vr = _VR_NAMES[e.vr] if e.vr else _dictionary_bulk_vr(tag)
+            if vr not in _SUMMARY_VRS or not 0 < e.length <= 64:
+                continue
+            keyword = _keyword(tag)
+            if not keyword:
+                continue
+            assert e.value is not None  # (64 bytes or less: read by the walk)
+            text = _summary_text(e.value, vr, ascii_text, tag, self._converted)
+            if text is not None:
+                _summarize(identifiers, tags, keyword, text)
+        identifiers.setdefault("sop_instance_uid", self.sop_instance_uid)
+        return {"identifiers": identifiers, "tags": tags}
+
+    def _converted(self, tag: int) -> Any:
+        """The value of the top-level element ``tag`` as pydicom converts it."""
+        return self.dataset[tag].value
+
+    def _history_from_dataset(self) -> dict[str, Any]:
+        """``history_fields`` of a file pydicom read (some of its elements converted already)."""
         ds = self.dataset
         identifiers: dict[str, str] = {}
         tags: dict[str, str] = {}
@@ -348,30 +433,20 @@ class ScannedInstance:
                 length = len(_as_text(raw.value)) if vr in _SUMMARY_VRS else 0
             if vr not in _SUMMARY_VRS or not 0 < length <= 64:
                 continue
-            keyword = keyword_for_tag(tag)
+            keyword = _keyword(int(tag))
             if not keyword:
                 continue
-            if vr in _ASCII_VRS and isinstance(raw.value, bytes):
-                # Their character repertoire is ASCII whatever the Specific Character Set: the
-                # stored text as it is, without a conversion per value.
-                text = raw.value.decode("latin-1").strip(" \0")
-            else:
-                plain = _plain_text(raw, vr, ascii_text)
-                if plain is None:
-                    try:
-                        plain = _as_text(ds[tag].value)
-                    except Exception:  # noqa: BLE001 - an invalid value: not worth a line in the summary
-                        continue
-                text = plain
-            if keyword in _IDENTIFIERS:
-                identifiers[_IDENTIFIERS[keyword]] = text
-            if len(tags) < HISTORY_TAGS:
-                tags[keyword] = text
+            value = raw.value if isinstance(raw, RawDataElement) else None
+            text = _summary_text(value, vr, ascii_text, tag, self._converted)
+            if text is not None:
+                _summarize(identifiers, tags, keyword, text)
         identifiers.setdefault("sop_instance_uid", self.sop_instance_uid)
         return {"identifiers": identifiers, "tags": tags}
 
     def has_dataset(self) -> bool:
         """Any element besides the file meta group."""
+        if self._by_tag is not None:
+            return bool(self._by_tag)  # (the walk refuses file meta elements in the dataset)
         return any(int(tag) >> 16 != 0x0002 for tag in self.dataset.keys())
 
 
@@ -384,7 +459,12 @@ def scan_file(path: Path) -> ScannedInstance:
     any other is read by pydicom, which says what is wrong with it."""
     # abspath, not resolve(): no lstat per path component (~0.15 ms a file, for the folders the
     # engine made itself).
-    return _scan_raw(Path(os.path.abspath(path))) or _scan_pydicom(path)
+    text = os.fspath(path)
+    absolute = os.path.abspath(text)
+    # The caller's Path when it is absolute and normal already (the source's are): no new one.
+    return _scan_raw(
+        path if absolute == text and isinstance(path, Path) else Path(absolute)
+    ) or _scan_pydicom(path)
 
 
 def _scan_pydicom(path: Path) -> ScannedInstance:
@@ -419,7 +499,7 @@ def _scan_pydicom(path: Path) -> ScannedInstance:
         raise InvalidBody(f"{path} is not a DICOM dataset that can be parsed{where}: {exc}") from None
     if not sop_class or not sop_instance:
         raise InvalidBody(f"{path} has no SOP Class UID (0008,0016) or SOP Instance UID (0008,0018)")
-    return ScannedInstance(path, ds, ts, sop_class, sop_instance)
+    return ScannedInstance(path, ds, ts, sop_class, sop_instance, size=size)
 
 
 # VRs whose JSON model ``_plain_json`` writes from the raw bytes (PS3.18 F.2.3: strings, and IS and
@@ -433,9 +513,13 @@ def _plain_json(raw: Any) -> dict[str, Any] | None:
     if not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes):
         return None
     vr = str(raw.VR) if raw.VR else _bulk_vr(raw)
-    value = raw.value
+    return _plain_json_of(vr, raw.value, raw.is_little_endian)
+
+
+def _plain_json_of(vr: str, value: bytes, little_endian: bool) -> dict[str, Any] | None:
+    """``_plain_json`` of a value of ``vr``."""
     if vr == "US" and len(value) % 2 == 0:
-        fmt = "<" if raw.is_little_endian else ">"
+        fmt = "<" if little_endian else ">"
         numbers = list(struct.unpack(f"{fmt}{len(value) // 2}H", value))
         return {"vr": vr, "Value": numbers} if numbers else {"vr": vr}
     if vr in _PLAIN_TEXT_VRS:
@@ -451,17 +535,51 @@ def _plain_json(raw: Any) -> dict[str, Any] | None:
 # Specific Character Sets in which printable ASCII bytes are ASCII text (ISO_IR 13, for one, puts
 # a Yen sign at 0x5C, ISO 2022 escapes switch repertoires).
 _ASCII_COMPATIBLE = frozenset({b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 192", b"ISO 2022 IR 6"})
+_PRINTABLE = bytes(range(0x20, 0x7F))
 
 
-def _plain_text(raw: Any, vr: str, ascii_text: bool) -> str | None:
-    """A LO or SH value of printable ASCII as pydicom converts it (each value without trailing
-    spaces and NULs), without its conversion (~40 us each); None for anything else."""
-    if not ascii_text or vr not in ("LO", "SH") or not isinstance(raw, RawDataElement):
+def _plain_text(value: bytes | None, vr: str, ascii_text: bool) -> str | None:
+    """A LO, SH or PN value of printable ASCII as pydicom converts it, without its conversion
+    (~40 us each); None for anything else. LO and SH: each value without trailing spaces and NULs
+    (``convert_text``). PN: the value less its trailing spaces and NULs, each name as it is
+    (``convert_PN``; ``str(PersonName)`` of an ASCII name is its text, ``^`` kept); one with
+    component groups (``=``, whose empty trailing groups pydicom drops) is left to pydicom."""
+    if not ascii_text or value is None:
         return None
-    value = raw.value
-    if not isinstance(value, bytes) or not all(0x20 <= b < 0x7F for b in value.rstrip(b"\0")):
+    if vr in ("LO", "SH"):
+        if value.rstrip(b"\0").translate(None, _PRINTABLE):
+            return None
+        return "\\".join(v.rstrip(" \0") for v in value.decode("ascii").split("\\"))
+    if vr == "PN":
+        value = value.rstrip(b"\0 ")
+        if value.translate(None, _PRINTABLE) or b"=" in value:
+            return None
+        return value.decode("ascii")
+    return None
+
+
+def _summary_text(
+    value: bytes | None, vr: str, ascii_text: bool, tag: int, converted: Callable[[int], Any]
+) -> str | None:
+    """A value as the history's summary shows it: the stored text of a VR whose repertoire is
+    ASCII whatever the Specific Character Set (no conversion per value), plain LO, SH or PN text,
+    else pydicom's conversion (``converted(tag)``); None for a value pydicom cannot convert."""
+    if vr in _ASCII_VRS and isinstance(value, bytes):
+        return value.decode("latin-1").strip(" \0")
+    plain = _plain_text(value, vr, ascii_text)
+    if plain is not None:
+        return plain
+    try:
+        return _as_text(converted(tag))
+    except Exception:  # noqa: BLE001 - an invalid value: not worth a line in the summary
         return None
-    return "\\".join(v.rstrip(" \0") for v in value.decode("ascii").split("\\"))
+
+
+def _summarize(identifiers: dict[str, str], tags: dict[str, str], keyword: str, text: str) -> None:
+    if keyword in _IDENTIFIERS:
+        identifiers[_IDENTIFIERS[keyword]] = text
+    if len(tags) < HISTORY_TAGS:
+        tags[keyword] = text
 
 
 def _as_text(value: Any) -> str:
@@ -472,26 +590,63 @@ def _as_text(value: Any) -> str:
     return "\\".join(str(v) for v in value) if many else str(value)
 
 
+# The walk's VRs as pydicom names them.
+_VR_NAMES = {vr: vr.decode("ascii") for vr in rawscan.KNOWN_VRS}
+
+
+@functools.lru_cache(maxsize=4096)  # bounded: a sender chooses its private tags
+def _keyword(tag: int) -> str:
+    """``keyword_for_tag``, once per tag (its dictionary lookups cost ~5 us a call)."""
+    return keyword_for_tag(tag)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dictionary_bulk_vr(tag: int) -> str:
+    """``_bulk_vr`` of an implicit VR element of ``tag``, once per tag."""
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+    if " or " not in vr:
+        return vr
+    choices = vr.split(" or ")
+    if "OW" in choices and ("OB" in choices or tag in _PIXEL_LIKE_AMBIGUOUS):
+        return "OW"
+    return vr
+
+
 def _scan_raw(path: Path) -> ScannedInstance | None:
-    """``scan_file`` from the raw walk: the dataset pydicom's ``dcmread(path, defer_size=
-    BULK_THRESHOLD)`` would give (top-level raw elements, larger values deferred), built from
-    the walk's index (~10x less CPU; ``tests/test_rawscan.py`` holds the two to the same
-    answers). None when the walk is unsure."""
+    """``scan_file`` from the raw walk (~10x less CPU than pydicom's reading;
+    ``tests/test_rawscan.py`` holds the two to the same answers). None when the walk is unsure."""
     try:
         found = rawscan.scan(path, small=BULK_THRESHOLD)
     except OSError:
         return None  # pydicom's reading says what is wrong
     if found is None:
         return None
-    implicit = found.transfer_syntax_uid == ImplicitVRLittleEndian
+    return ScannedInstance(
+        path,
+        None,
+        found.transfer_syntax_uid,
+        found.sop_class_uid,
+        found.sop_instance_uid,
+        elements=found.elements,
+        size=found.size,
+    )
+
+
+def _dataset_of(elements: Iterable[rawscan.TopElement], transfer_syntax: str) -> Dataset:
+    """The dataset pydicom's ``dcmread(path, defer_size=BULK_THRESHOLD)`` would give (top-level
+    raw elements, larger values deferred), from the walk's index."""
+    implicit = transfer_syntax == ImplicitVRLittleEndian
     ds = Dataset()
-    elements = internals.raw_elements(ds)
-    for e in found.elements:
+    raw = internals.raw_elements(ds)
+    for e in elements:
         tag = BaseTag(e.tag)
         vr = e.vr.decode("ascii") if e.vr else None
-        elements[tag] = RawDataElement(tag, vr, e.length, e.value, e.value_offset, implicit, True)
+        raw[tag] = RawDataElement(tag, vr, e.length, e.value, e.value_offset, implicit, True)
     ds.set_original_encoding(implicit, True)
-    return ScannedInstance(path, ds, found.transfer_syntax_uid, found.sop_class_uid, found.sop_instance_uid)
+    return ds
 
 
 def _uid_of(ds: Dataset, tag: int) -> str:

@@ -19,6 +19,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -30,6 +31,8 @@ ENCAPSULATED = frozenset(
 # VRs with a 2-byte reserved field and a 4-byte length in explicit VR (PS3.5 7.1.2).
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
+#: Every VR the walk reads (any other makes it unsure).
+KNOWN_VRS = _LONG_VRS | _SHORT_VRS
 _UID = re.compile(rb"[0-9][0-9.]{0,63}")
 
 _UNDEFINED = 0xFFFFFFFF
@@ -43,14 +46,14 @@ _META_SOP_CLASS = 0x00020002
 _META_SOP_INSTANCE = 0x00020003
 _META_TRANSFER_SYNTAX = 0x00020010
 _HEADER = struct.Struct("<HH2sHL")
-_WINDOW = 64 * 1024  # bytes read at a time: a CT's header and more in one read
+_WINDOW = 16 * 1024  # bytes read at a time: a CT's header in one read, little of its pixels
 _MAX_DEPTH = 32  # nested sequences; deeper is left to pydicom
 
 
-@dataclass(frozen=True)
-class TopElement:
+class TopElement(NamedTuple):
     """One top-level element: its tag, VR (b"" in implicit VR), where its value starts, its length
-    (0xFFFFFFFF: undefined) and its value when it is no longer than the walk's ``small``."""
+    (0xFFFFFFFF: undefined) and its value when it is no longer than the walk's ``small``. (A
+    tuple: a frozen dataclass's ``__init__`` cost more than the rest of the walk per element.)"""
 
     tag: int
     vr: bytes
@@ -62,13 +65,14 @@ class TopElement:
 @dataclass(frozen=True)
 class Scanned:
     """A file the walk fully understood: its UIDs, transfer syntax, where the dataset starts and
-    its top-level elements in file order."""
+    its top-level elements in file order, and the file's size."""
 
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
     dataset_offset: int
     elements: tuple[TopElement, ...] = ()
+    size: int = -1
 
 
 class _Unsure(Exception):
@@ -162,14 +166,16 @@ def _meta(r: _Reader) -> tuple[int, dict[int, str]]:
         raise _Unsure("no DICM prefix")
     pos, meta = 132, {}
     while pos + 8 <= r.size:
-        group, elem, vr = struct.unpack("<HH2s", r.at(pos, 6))
+        group, elem, vr, short, long = r.header(pos)
         if group != 0x0002:
             break
         if vr in _LONG_VRS:
-            (length,) = struct.unpack("<L", r.at(pos + 8, 4))
+            if pos + 12 > r.size:
+                raise _Unsure("file meta length")
+            length = long
             pos += 12
         elif vr in _SHORT_VRS:
-            (length,) = struct.unpack("<H", r.at(pos + 6, 2))
+            length = short
             pos += 8
         else:
             raise _Unsure("unknown VR in the file meta")
@@ -198,7 +204,7 @@ def _scan(r: _Reader, small: int) -> Scanned:
     sop_class, sop_instance = found.get(_SOP_CLASS), found.get(_SOP_INSTANCE)
     if sop_class != meta[_META_SOP_CLASS] or sop_instance != meta[_META_SOP_INSTANCE]:
         raise _Unsure("missing UIDs, or UIDs that differ from the file meta's")
-    return Scanned(sop_class, sop_instance, syntax, pos, tuple(top))
+    return Scanned(sop_class, sop_instance, syntax, pos, tuple(top), r.size)
 
 
 def _walk(
@@ -219,10 +225,16 @@ def _walk(
     the top level's SOP UIDs, ``top`` (a list and the ``small`` size) its elements."""
     if depth > _MAX_DEPTH:
         raise _Unsure("deeply nested")
+    unpack = _HEADER.unpack_from
     while pos < limit:
         if pos + 8 > limit:
             raise _Unsure("an element header runs past its end")
-        group, elem, vr, short, long = r.header(pos)
+        # ``r.header`` inlined for a header in the window (most are): a call less per element.
+        offset = pos - r.start
+        if 0 <= offset <= len(r.data) - 12:
+            group, elem, vr, short, long = unpack(r.data, offset)
+        else:
+            group, elem, vr, short, long = r.header(pos)
         tag = group << 16 | elem
         if tag == _ITEM_END:
             if not delimited or vr != b"\0\0" or short:

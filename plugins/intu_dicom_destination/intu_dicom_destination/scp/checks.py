@@ -16,7 +16,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from intu_dicom_destination.body import InvalidBody, ScannedInstance, parse_bulk_uri
+from intu_dicom_destination.body import ScannedInstance
 
 VERIFICATION = "1.2.840.10008.1.1"
 #: Every storage SOP class of the standard, retired ones included, lives under this root.
@@ -89,6 +89,8 @@ _CHECKED = (
     "00280100",  # Bits Allocated
     "7FE00010",  # Pixel Data
 )
+# Pixel Data's length is read from the scan (``ScannedInstance.pixel_data``), not from a model.
+_MODELLED = tuple(key for key in _CHECKED if key != "7FE00010")
 
 
 def check_body(
@@ -97,7 +99,7 @@ def check_body(
     """The received dataset against its command and transfer syntax."""
     if not scan.has_dataset():
         return Refusal(STATUS_CANNOT_UNDERSTAND, "empty dataset (nothing but file meta)")
-    dataset = scan.model_of(_CHECKED)
+    dataset = scan.model_of(_MODELLED)
     for key, name, expected in (
         ("00080016", "SOP Class UID", sop_class),
         ("00080018", "SOP Instance UID", sop_instance),
@@ -109,18 +111,17 @@ def check_body(
             return Refusal(
                 STATUS_DATASET_DOES_NOT_MATCH, f"dataset {name} {found} is not the command's {expected}"
             )
-    return _check_pixel_data(dataset, transfer_syntax)
+    return _check_pixel_data(dataset, scan.pixel_data(), transfer_syntax)
 
 
-def _check_pixel_data(dataset: dict[str, Any], transfer_syntax: str) -> Refusal | None:
-    pixel = dataset.get("7FE00010")
-    if transfer_syntax not in UNCOMPRESSED or not isinstance(pixel, dict) or "BulkDataURI" not in pixel:
+def _check_pixel_data(
+    dataset: dict[str, Any], pixel: tuple[int, bool] | None, transfer_syntax: str
+) -> Refusal | None:
+    """Pixel Data (``pixel``: its length and whether it is undefined) against the image module."""
+    if transfer_syntax not in UNCOMPRESSED or pixel is None:
         return None
-    try:
-        ref = parse_bulk_uri(pixel["BulkDataURI"], "(7FE0,0010)")
-    except InvalidBody:
-        return None  # the body codec reports what it cannot read
-    if ref.undefined:
+    length, undefined = pixel
+    if undefined:
         return Refusal(STATUS_CANNOT_UNDERSTAND, "compressed pixel data in an uncompressed transfer syntax")
     photometric = (
         dataset.get("00280004", {}).get("Value", [""]) if isinstance(dataset.get("00280004"), dict) else [""]
@@ -136,9 +137,9 @@ def _check_pixel_data(dataset: dict[str, Any], transfer_syntax: str) -> Refusal 
     assert samples is not None and frames is not None
     pixels = rows * columns * samples * max(frames, 1)
     expected = (pixels + 7) // 8 if bits == 1 else pixels * (bits // 8)
-    if ref.length < expected:
+    if length < expected:
         return Refusal(
             STATUS_CANNOT_UNDERSTAND,
-            f"pixel data {ref.length} bytes, {expected} expected: compressed or truncated?",
+            f"pixel data {length} bytes, {expected} expected: compressed or truncated?",
         )
     return None

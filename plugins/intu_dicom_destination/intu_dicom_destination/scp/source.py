@@ -471,7 +471,9 @@ class DicomSource:
             checked = self._check_stored(path, sop_class, sop_instance, transfer_syntax)
             if durable is not None:
                 durable()
-            self._bytes_received.inc(path.stat().st_size)
+            # The size the scan read (fstat) rather than another stat of the file.
+            size = checked.size if isinstance(checked, ScannedInstance) and checked.size >= 0 else -1
+            self._bytes_received.inc(size if size >= 0 else path.stat().st_size)
         except InflateLimit as exc:
             path.unlink(missing_ok=True)
             return self._refuse(
