@@ -16,15 +16,16 @@ between them is small:
   ``/readyz`` and the dashboard; ``waiting`` is counted by the engine when asked).
 
 Lifecycle: the engine starts it after recovering the queue and before any source listens, and
-waits for its first line. To stop, the engine writes an empty line: the delivery process lets its
-sends in flight finish (up to the engine's stop timeout) and exits. If it exits on its own (a
-crash), the engine logs why and stops with exit status 1, as it does for a damaged queue: what it
-was sending is recovered at the next start. If the engine dies, even by kill -9, the delivery
-process dies with it (Linux's parent-death signal; elsewhere, at once when the wake-up pipe ends
-without an empty line), as the delivery threads of a one-process engine would: a new engine on
-the same data folder never shares it with a deliverer of the old one, and recovers what it held.
-The delivery process ignores SIGINT and SIGTERM (a terminal's Ctrl-C, or a service manager
-signalling the whole group): the engine says when.
+waits for its first line, which must name the queues the engine expects. To stop, the engine
+writes an empty line: the delivery process lets its sends in flight finish (up to 30 s) and
+exits. If it exits on its own (a crash), the engine logs why and stops with exit status 1, as it
+does for a damaged queue: what it was sending is recovered at the next start. If the engine
+dies, even by kill -9, the delivery process dies with it (Linux's parent-death signal; else at
+once when the wake-up pipe ends without an empty line), as the delivery threads of a one-process
+engine would. It also holds the engine's lock on the data folder (``engine.lock``, inherited), so
+that a new engine cannot start while it lives, whatever signals do. It runs in a session of its
+own and ignores SIGINT and SIGTERM (a terminal's Ctrl-C, a service manager signalling the whole
+group): the engine says when. A report older than ``STALE_AFTER_S`` shows its destinations down.
 
 Plugins are loaded in the delivery process from their entry points, as ``intu serve`` loads
 them; a destination's hooks run there.
@@ -40,7 +41,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import IO, Any
 
 from intu_core.config.project import DestinationConfig, Project
@@ -68,8 +69,11 @@ READY_TIMEOUT_S = 60.0
 KILL_AFTER_S = 5.0
 #: What the engine writes to stop the delivery process (a queue's name is never empty).
 STOP_LINE = b"\n"
-#: The engine's pid, for the delivery process to tell whether it is still its parent.
+#: The engine's pid, for the delivery process to tell whether it is still its parent (set only
+#: when the engine's main thread starts it: Linux's parent-death signal follows that thread).
 ENGINE_PID_VARIABLE = "INTU_ENGINE_PID"
+#: A delivery process silent for this long is stuck: its destinations are shown down.
+STALE_AFTER_S = 10.0
 
 
 # -- what the engine and the delivery process both build ---------------------------------------
@@ -117,11 +121,18 @@ class DeliveryProcess:
     stop it. ``on_exit(reason)`` is called (from a thread of this class) if it ends on its own."""
 
     def __init__(
-        self, project: Project, waiting: Callable[[str], int], on_exit: Callable[[str], None]
+        self,
+        project: Project,
+        queues: Collection[str],
+        waiting: Callable[[str], int],
+        on_exit: Callable[[str], None],
+        lock_fd: int = -1,
     ) -> None:
         self._project = project
+        self._queues = frozenset(queues)
         self._waiting = waiting
         self._on_exit = on_exit
+        self._lock_fd = lock_fd  # engine.lock: held by the delivery process too
         self._proc: subprocess.Popen[bytes] | None = None
         self._wake_fd = -1
         self._reader: threading.Thread | None = None
@@ -130,7 +141,7 @@ class DeliveryProcess:
         self._stopping = False
         self._metrics = MetricsSnapshot(())
         self._states: dict[str, DestinationState] = {}
-        self._started_at = time.time()
+        self._reported_at = 0.0  # time.monotonic() of the last report
 
     def start(self, ready_timeout: float = READY_TIMEOUT_S) -> None:
         """Start it and wait for its first report; ``RuntimeError`` if it ends or is silent first."""
@@ -140,12 +151,17 @@ class DeliveryProcess:
             sys.executable, "-m", "intu_core", *_log_options(), "--dir", str(self._project.config_file),
             "delivery-process", "--wake-fd", str(wake_r), "--status-fd", str(status_w),
         ]  # fmt: skip
+        env = dict(os.environ)
+        env.pop(ENGINE_PID_VARIABLE, None)
+        if threading.current_thread() is threading.main_thread():
+            env[ENGINE_PID_VARIABLE] = str(os.getpid())
         try:
             self._proc = subprocess.Popen(
                 command,
-                pass_fds=(wake_r, status_w),
+                pass_fds=(wake_r, status_w, *((self._lock_fd,) if self._lock_fd >= 0 else ())),
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, ENGINE_PID_VARIABLE: str(os.getpid())},
+                env=env,
+                start_new_session=True,  # a Ctrl-C or group signal is for the engine, which says when
             )
         finally:
             os.close(wake_r)
@@ -165,14 +181,27 @@ class DeliveryProcess:
                 else f"did not start in {ready_timeout:.0f} s"
             )
             raise RuntimeError(f"the delivery process {why} (its log lines above say why)")
+        with self._lock:
+            served = set(self._states)
+        if served != self._queues:  # it read the configuration again: changed meanwhile?
+            self.stop(0)
+            raise RuntimeError(
+                f"the delivery process serves the queues {sorted(served)}, not {sorted(self._queues)}:"
+                " was the configuration changed while intu started?"
+            )
         log.info("queued destinations are sent to from a process of their own (pid %d)", self._proc.pid)
 
     def wake(self, queue: str) -> None:
         """Wake the workers of ``queue`` (dropped if the pipe is full or the process gone)."""
-        try:
-            os.write(self._wake_fd, queue.encode() + b"\n")
-        except OSError:  # full (EAGAIN): they look at the queue anyway; gone: _read says so
-            pass
+        # Under the lock: request_stop closes the descriptor, whose number the next file opened
+        # (a received instance) could get.
+        with self._lock:
+            if self._wake_fd < 0:
+                return
+            try:
+                os.write(self._wake_fd, queue.encode() + b"\n")
+            except OSError:  # full (EAGAIN): they look at the queue anyway; gone: _read says so
+                pass
 
     def metrics(self) -> MetricsSnapshot:
         """Its metrics as last reported."""
@@ -182,7 +211,11 @@ class DeliveryProcess:
     def state(self, queue: str) -> DestinationState:
         """The destination's up/down state as last reported, with its entries waiting now."""
         with self._lock:
-            reported = self._states.get(queue) or DestinationState(True, self._started_at)
+            reported = self._states.get(queue)
+            silent = time.monotonic() - self._reported_at
+        if reported is None or silent > STALE_AFTER_S:
+            why = f"the delivery process has not reported for {silent:.0f} s"
+            reported = DestinationState(False, time.time() - silent, why if reported else "not reported")
         try:
             waiting = self._waiting(queue)
         except Exception:  # noqa: BLE001 - the queue unreadable for now, as Reachability says
@@ -194,13 +227,12 @@ class DeliveryProcess:
         with self._lock:
             self._stopping = True
             fd, self._wake_fd = self._wake_fd, -1
-        if fd >= 0:
-            try:
-                os.set_blocking(fd, True)
-                os.write(fd, STOP_LINE)  # finish the sends in flight, then exit
-            except OSError:  # gone already
-                pass
-            os.close(fd)
+            if fd >= 0:
+                try:
+                    os.write(fd, STOP_LINE)  # finish the sends in flight, then exit
+                except OSError:  # full (stuck) or gone: the end of the pipe alone stops it at once
+                    pass
+                os.close(fd)
 
     def stop(self, timeout: float) -> bool:
         """Stop it: wait up to ``timeout`` s for its sends in flight, then kill it; True if it
@@ -236,6 +268,7 @@ class DeliveryProcess:
                     continue
                 with self._lock:
                     self._metrics, self._states = snapshot, states
+                    self._reported_at = time.monotonic()
                 self._ready.set()
         assert self._proc is not None
         code = self._proc.wait()
@@ -284,6 +317,8 @@ def run_delivery_process(
     destinations until ``wake_fd`` ends, reporting on ``status_fd``. Returns the exit status."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)  # the engine says when to stop
+    for fd in (wake_fd, status_fd):
+        os.set_inheritable(fd, False)  # a program a plugin starts must not keep the pipes open
     _die_with_parent()
     from intu_core.queue.opener import open_queue
 
@@ -353,8 +388,8 @@ def _die_with_parent() -> None:
     PR_SET_PDEATHSIG: it fires when the engine's thread that started us ends, and the engine
     starts us from its main thread); elsewhere the end of the wake-up pipe says so, a moment
     later."""
-    if not sys.platform.startswith("linux"):
-        return
+    if not sys.platform.startswith("linux") or ENGINE_PID_VARIABLE not in os.environ:
+        return  # elsewhere, or started from another thread of the engine than its main one
     import ctypes
 
     pr_set_pdeathsig = 1
@@ -377,6 +412,8 @@ def _report_until(
             _report(status, metrics, workers)
         except OSError:  # the engine is gone: the wake-up pipe ends too, and the process stops
             return
+        except Exception:  # a metric that cannot be read: say so, report again next time
+            log.exception("delivery process: a report failed")
 
 
 def _report(status: IO[str], metrics: MetricsRegistry, workers: Mapping[str, DeliveryWorkers]) -> None:

@@ -271,7 +271,10 @@ class Engine:
     def _start_delivery_process(self, queued: list[str]) -> None:
         store = self.store
         assert store is not None
-        process = DeliveryProcess(self.project, store.size, self.fail)
+        # It holds engine.lock too: no new engine on this data folder while it lives. It creates
+        # the queued destinations again: before any source starts, so before anything sends.
+        lock_fd = self._lock_file.fileno() if getattr(self, "_lock_file", None) is not None else -1
+        process = DeliveryProcess(self.project, queued, store.size, self.fail, lock_fd)
         process.start()  # RuntimeError if it cannot: serve says so and exits 1
         self._delivery_process = process
         self.metrics.include(process.metrics)

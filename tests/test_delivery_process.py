@@ -9,6 +9,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,9 @@ from project_files import fake_distribution, wait_for, write
 
 from intu_core.config.problems import ConfigError
 from intu_core.config.project import load_project
+from intu_core.delivery_process import STALE_AFTER_S, STOP_LINE, DeliveryProcess
 from intu_core.metrics import MetricsRegistry, merge_snapshots, snapshot_from_json, snapshot_to_json
+from intu_core.reachability import DestinationState
 from intu_core.testing import registry_with
 
 # A source that hands over ``count`` messages once (a marker file remembers it did), and a
@@ -103,7 +107,7 @@ def project(tmp_path: Path, count: int, delay_s: float = 0.0, process: bool = Tr
 
 
 class Serve:
-    """``intu serve`` on a project, its log read line by line."""
+    """``intu serve`` on a project (in a process group of its own), its log read line by line."""
 
     def __init__(self, tmp_path: Path, folder: Path) -> None:
         site = tmp_path / "site"
@@ -116,9 +120,13 @@ class Serve:
             env=env,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # so that a test can signal its whole group
         )
         self.lines: list[str] = []
         assert self.stderr_until("intu is serving"), "".join(self.lines)
+        # Read the rest as it comes: a full pipe would block both processes' logging.
+        self._rest = threading.Thread(target=self.stderr_until, args=("\0never\0",), daemon=True)
+        self._rest.start()
 
     def stderr_until(self, text: str) -> bool:
         assert self.proc.stderr is not None
@@ -134,8 +142,9 @@ class Serve:
         return pid
 
     def finish(self, timeout: float = 60) -> str:
-        _, rest = self.proc.communicate(timeout=timeout)
-        return "".join(self.lines) + rest
+        self.proc.wait(timeout)
+        self._rest.join(timeout)
+        return "".join(self.lines)
 
 
 def delivered(tmp_path: Path) -> list[dict[str, int]]:
@@ -146,10 +155,10 @@ def delivered(tmp_path: Path) -> list[dict[str, int]]:
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        # A zombie (exited, not yet reaped by its parent) is not running.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    # A zombie (exited, not yet reaped by its parent) is not running.
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_queued_messages_are_sent_from_the_delivery_process_and_both_stop_on_sigterm(tmp_path):
@@ -200,6 +209,66 @@ def test_a_killed_engine_takes_its_delivery_process_with_it(tmp_path):
     serve.finish()
     # Its wake-up pipe ends: it stops on its own, not orphaned.
     assert wait_for(lambda: not alive(pid), timeout=15), "the delivery process outlived a killed engine"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_whole_group_is_for_the_engine_which_stops_both_gracefully(tmp_path, signum):
+    serve = Serve(tmp_path, project(tmp_path, count=20, delay_s=0.05))
+    pid = serve.delivery_pid()
+    assert wait_for(lambda: len(delivered(tmp_path)) >= 2)
+    os.killpg(serve.proc.pid, signum)  # a terminal's Ctrl-C, or a service manager's stop
+    log = serve.finish()
+    assert serve.proc.returncode == 0, log
+    assert "engine stopped" in log and "exited with status" not in log, log
+    assert wait_for(lambda: not alive(pid), timeout=10)
+    # What was not sent before the stop is sent after a restart (the source sends only once).
+    again = Serve(tmp_path, project(tmp_path, count=20, delay_s=0.0))
+    assert wait_for(lambda: {d["n"] for d in delivered(tmp_path)} == set(range(20)))
+    again.proc.send_signal(signal.SIGTERM)
+    assert again.finish() and again.proc.returncode == 0
+
+
+def test_a_silent_delivery_process_shows_its_destinations_down(tmp_path):
+    process = DeliveryProcess(
+        load_project(project(tmp_path, count=1), registry_with(burst_plugin(tmp_path))),
+        ["archive"],
+        waiting=lambda queue: 3,
+        on_exit=lambda reason: None,
+    )
+    never = process.state("archive")  # before its first report
+    assert (never.up, never.last_error, never.waiting) == (False, "not reported", 3)
+    process._states = {"archive": DestinationState(True, time.time())}  # a report long ago
+    process._reported_at = time.monotonic() - STALE_AFTER_S - 1
+    stale = process.state("archive")
+    assert not stale.up and "has not reported for" in stale.last_error
+
+
+def test_a_wake_up_after_the_stop_writes_nothing(tmp_path):
+    process = DeliveryProcess(
+        load_project(project(tmp_path, count=1), registry_with(burst_plugin(tmp_path))),
+        ["archive"],
+        waiting=lambda queue: 0,
+        on_exit=lambda reason: None,
+    )
+    read_end, process._wake_fd = os.pipe()
+    process.wake("archive")
+    process.request_stop()
+    process.wake("archive")  # a source still handing over while the engine stops
+    with os.fdopen(read_end, "rb") as pipe:
+        assert pipe.read() == b"archive\n" + STOP_LINE  # and the descriptor closed: end of file
+
+
+def burst_plugin(tmp_path: Path) -> object:
+    """The test plugin, imported in this process (for load_project)."""
+    import importlib.util
+
+    path = tmp_path / "fakeplugin_burst_local.py"
+    path.write_text(PLUGIN)
+    spec = importlib.util.spec_from_file_location("fakeplugin_burst_local", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_setting_is_checked_with_file_line_and_key(tmp_path):
