@@ -229,12 +229,7 @@ def test_a_signal_to_the_whole_group_is_for_the_engine_which_stops_both_graceful
 
 
 def test_a_silent_delivery_process_shows_its_destinations_down(tmp_path):
-    process = DeliveryProcess(
-        load_project(project(tmp_path, count=1), registry_with(burst_plugin(tmp_path))),
-        ["archive"],
-        waiting=lambda queue: 3,
-        on_exit=lambda reason: None,
-    )
+    process = unstarted(tmp_path, waiting=3)
     never = process.state("archive")  # before its first report
     assert (never.up, never.last_error, never.waiting) == (False, "not reported", 3)
     process._states = {"archive": DestinationState(True, time.time())}  # a report long ago
@@ -244,18 +239,19 @@ def test_a_silent_delivery_process_shows_its_destinations_down(tmp_path):
 
 
 def test_a_wake_up_after_the_stop_writes_nothing(tmp_path):
-    process = DeliveryProcess(
-        load_project(project(tmp_path, count=1), registry_with(burst_plugin(tmp_path))),
-        ["archive"],
-        waiting=lambda queue: 0,
-        on_exit=lambda reason: None,
-    )
+    process = unstarted(tmp_path, waiting=0)
     read_end, process._wake_fd = os.pipe()
     process.wake("archive")
     process.request_stop()
     process.wake("archive")  # a source still handing over while the engine stops
     with os.fdopen(read_end, "rb") as pipe:
         assert pipe.read() == b"archive\n" + STOP_LINE  # and the descriptor closed: end of file
+
+
+def unstarted(tmp_path: Path, waiting: int) -> DeliveryProcess:
+    """The engine's handle on a delivery process of the test project, not started."""
+    loaded = load_project(project(tmp_path, count=1), registry_with(burst_plugin(tmp_path)))
+    return DeliveryProcess(loaded, ["archive"], waiting=lambda queue: waiting, on_exit=lambda reason: None)
 
 
 def burst_plugin(tmp_path: Path) -> object:
