@@ -497,7 +497,9 @@ class Engine:
         # Unqueued destinations first: when one fails the sender is told so and sends again, and
         # nothing has been queued yet that would then go out twice.
         for dest_name, out in direct:
+            began = time.perf_counter()
             result = self.destinations[dest_name].send(out)
+            self._count_direct(dest_name, result, time.perf_counter() - began)
             kind = EventKind.SENT if result.delivered else EventKind.ATTEMPT
             events.append(Event.of_send(message.id, time.time(), kind, dest_name, result, 1))
             if not result.delivered:
@@ -537,6 +539,16 @@ class Engine:
                 "message %s accepted: %s", message.id, summary, extra=message_fields(message)
             )
         return Acceptance(AcceptanceStatus.ACCEPTED)
+
+    def _count_direct(self, destination: str, result: SendResult, seconds: float) -> None:
+        """Count a send to an unqueued destination as its delivery workers would count a queued one
+        (a failure is the sender's to retry: not counted as a retry here)."""
+        metrics = self.engine_metrics
+        metrics.delivery_seconds.labels(destination).observe(seconds)
+        if result.delivered:
+            metrics.delivered.labels(destination).inc()
+            if result.status is SendStatus.WARNING:
+                metrics.warnings.labels(destination).inc()
 
     def _record(self, message: Message, events: list[Event]) -> None:
         """Record what happened to a message the sender is told to send again (best effort: the

@@ -235,6 +235,37 @@ def test_files_of_queued_outputs_are_kept_and_those_only_an_unqueued_send_used_a
         assert list((tmp_path / "copies").glob("*.json"))
 
 
+def test_sends_to_an_unqueued_destination_are_counted_like_queued_ones(tmp_path):
+    write(
+        tmp_path / "intu.yaml",
+        """
+        destinations:
+          copies:
+            type: file
+            file: {directory: copies}
+            queue: {enabled: false}
+          refused:
+            type: file
+            file: {directory: blocked/out}
+            queue: {enabled: false}
+        """,
+    )
+    (tmp_path / "blocked").write_text("not a folder")  # every send to "refused" fails
+    write(tmp_path / "channels" / "ok" / "channel.yaml", "source: {type: manual}\ndestinations: [copies]\n")
+    write(tmp_path / "channels" / "ko" / "channel.yaml", "source: {type: manual}\ndestinations: [refused]\n")
+    with running_engine(tmp_path, registry_with(manual_source)) as engine:
+        for n in range(3):
+            assert engine_deliver(engine, "ok", Message(body={"n": n})).status is AcceptanceStatus.ACCEPTED
+        assert engine_deliver(engine, "ko", Message(body={"n": 9})).status is AcceptanceStatus.BUSY
+        snapshot = engine.metrics.collect()
+    assert len(list((tmp_path / "copies").glob("*.json"))) == 3
+    assert snapshot.value("intu_messages_delivered_total", destination="copies") == 3
+    assert snapshot.value("intu_delivery_seconds_count", destination="copies") == 3
+    # A failed unqueued send is the sender's to retry: timed, not delivered.
+    assert snapshot.value("intu_messages_delivered_total", destination="refused") == 0
+    assert snapshot.value("intu_delivery_seconds_count", destination="refused") == 1
+
+
 def test_queue_depth_is_counted_again_at_the_limit_and_when_stale(tmp_path):
     store = SqliteQueueStore(tmp_path / "data")
     other = SqliteQueueStore(tmp_path / "data")  # `intu queue retry` in another process
