@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 from intu_dicom_destination.cli import run_echo, run_send
-from intu_dicom_destination.scu.destination import DESTINATION_TYPE, DicomDestination
+from intu_dicom_destination.scu.destination import DicomDestination
 from intu_dicom_destination.scu.settings import DestinationSettings
 from pydicom import dcmread
 
@@ -22,10 +22,6 @@ def settings_for(scp, **kw) -> DestinationSettings:
 
 def runtime(tmp_path) -> Runtime:
     return Runtime(name="pacs", data_dir=tmp_path / "data", logger=logging.getLogger("test"))
-
-
-def test_destination_type():
-    assert DESTINATION_TYPE.name == "dicom" and DESTINATION_TYPE.create is DicomDestination
 
 
 def test_send_bodies(scp_factory, ct_files, tmp_path):

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from intu_dicom_destination.body import body_from_file
 from intu_dicom_destination.scp.settings import SourceSettings, parse_source_settings
-from intu_dicom_destination.scp.source import SOURCE_TYPE, DicomSource
+from intu_dicom_destination.scp.source import DicomSource
 from intu_dicom_destination.shared.tls import TlsServerSettings
 from intu_dicom_destination.testing import (
     INTEROP_ENV,
@@ -51,11 +51,6 @@ def scu(ae_title: str = "TEST_SCU", contexts: list[tuple[str, list[str] | None]]
 
 def associate(src: DicomSource, ae: AE | None = None, called: str = "INTU_SCP", **kw: Any) -> Any:
     return (ae or scu()).associate("127.0.0.1", src.port, ae_title=called, **kw)
-
-
-def test_source_type_is_registered() -> None:
-    assert SOURCE_TYPE.name == "dicom"
-    assert SOURCE_TYPE.create is DicomSource and SOURCE_TYPE.parse_settings is parse_source_settings
 
 
 def test_store_builds_body_file_and_metadata(source: Any, engine: RecordingEngine, ct_files: Any) -> None:

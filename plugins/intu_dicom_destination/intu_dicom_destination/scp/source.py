@@ -63,14 +63,14 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification, register_uid, uid_to_service_class  # type: ignore[attr-defined]
 
-from intu_core import Acceptance, AcceptanceStatus, DeliverCallback, Message, Runtime, SourceType
+from intu_core import Acceptance, AcceptanceStatus, DeliverCallback, Message, Runtime
 from intu_dicom_destination import internals
 from intu_dicom_destination.body import InvalidBody, ScannedInstance, scan_file
 from intu_dicom_destination.scp.checks import Refusal, check_body, check_request, is_storage_like
 from intu_dicom_destination.scp.direct import Ending, Peer, Receiver, Reply, StoreRequest
 from intu_dicom_destination.scp.guard import Connection, Guard, GuardedServer
 from intu_dicom_destination.scp.persist import InflateLimit, begin_persist
-from intu_dicom_destination.scp.settings import SourceSettings, parse_source_settings
+from intu_dicom_destination.scp.settings import SourceSettings
 from intu_dicom_destination.shared.logs import quiet_pynetdicom
 from intu_dicom_destination.shared.tls import server_context
 
@@ -582,11 +582,3 @@ class DicomSource:
             max_bytes=s.max_instance_mb * 1024 * 1024,
             max_ratio=s.max_inflate_ratio,
         )
-
-
-SOURCE_TYPE = SourceType(
-    name="dicom",
-    parse_settings=parse_source_settings,
-    create=DicomSource,
-    description="DICOM C-STORE SCP: receives images, stores them durably, answers C-ECHO",
-)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from intu_core import DestinationType, Message, Runtime, SendResult
+from intu_core import Message, Runtime, SendResult
 from intu_dicom_destination.body import InvalidBody, prepare_for_send
 from intu_dicom_destination.scu.exchange import EchoResult
 from intu_dicom_destination.scu.sender import DicomSender
-from intu_dicom_destination.scu.settings import DestinationSettings, parse_destination_settings
+from intu_dicom_destination.scu.settings import DestinationSettings
 from intu_dicom_destination.shared.tls import TlsConfigError
 
 
@@ -117,11 +117,3 @@ class DicomDestination:
     def close(self) -> None:
         """Release the pooled associations."""
         self.sender.close()
-
-
-DESTINATION_TYPE = DestinationType(
-    name="dicom",
-    parse_settings=parse_destination_settings,
-    create=DicomDestination,
-    description="C-STORE SCU: send DICOM instances to a PACS/VNA (association pool, TLS, transcoding)",
-)
