@@ -18,18 +18,18 @@ from pathlib import Path
 
 def fsync_path(path: Path) -> None:
     """fsync a file or a folder by its path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _sync_path(path, os.fsync)
 
 
 def fdatasync_path(path: Path) -> None:
     """fdatasync a file by its path: its data and size, not its times (what SQLite does on Linux)."""
+    _sync_path(path, os.fdatasync)
+
+
+def _sync_path(path: Path, sync: Callable[[int], None]) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fdatasync(fd)
+        sync(fd)
     finally:
         os.close(fd)
 

@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
-from project_files import fake_distribution, write
+from project_files import fake_distribution, wait_for, write
 
 from intu_core import hookimpl
 from intu_core.engine import QueueDepth
@@ -39,15 +38,6 @@ def queued_project(tmp_path, directory="out", extra=""):
         "source: {type: manual}\ndestinations: [archive]\n",
     )
     return tmp_path
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_accepted_means_queued_durably_then_delivered_and_files_released(tmp_path):
