@@ -10,10 +10,12 @@ of the WAL after a commit ~1 ms; with 4 writers at once each took 2-5x longer (o
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 
 def fsync_path(path: Path) -> None:
@@ -32,6 +34,35 @@ def _sync_path(path: Path, sync: Callable[[int], None]) -> None:
         sync(fd)
     finally:
         os.close(fd)
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing ``fd``'s dirty pages to disk now, without waiting (Linux
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so that the fsync that follows has less left to
+    wait for. Only a hint: it makes nothing durable, and where the call is missing it does nothing.
+    Measured 2026-12-03 on this project's machine (ext4 on a virtual disk), a 512 KiB file written
+    in four 128 KiB steps 0.1 ms apart, 3 x 200 files: the fsync after it took a median of
+    1.35-1.46 ms, and 1.00-1.16 ms with writeback started after each step."""
+    call = _sync_file_range()
+    if call is not None:
+        call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # errors ignored: the fsync reports real ones
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    # ctypes only when first needed: `intu` commands that never receive start faster without it.
+    import ctypes
+
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):  # not Linux (or not glibc/musl)
+        return None
+    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    call.restype = ctypes.c_int
+    return cast("Callable[[int, int, int, int], int]", call)
 
 
 def fsync_dir(directory: Path) -> None:

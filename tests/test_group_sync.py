@@ -1,10 +1,12 @@
 """Shared fsyncs (``intu_core.fsutil.GroupSync``, ``fsync_dir_shared``): every caller returns only
-after a sync that started after its call, concurrent callers share one, failures are each caller's."""
+after a sync that started after its call, concurrent callers share one, failures are each caller's.
+And ``start_writeback``, the hint before such an fsync."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -187,3 +189,20 @@ def test_a_forked_child_does_not_wait_for_a_sync_its_parent_was_running(tmp_path
     finally:
         fsutil.fsync_dir = original
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_start_writeback_calls_sync_file_range_and_changes_nothing(tmp_path: Path) -> None:
+    """The hint the DICOM source gives while a dataset arrives: on Linux it really reaches
+    ``sync_file_range`` (not a silent no-op), the file is unchanged, and a bad descriptor is
+    ignored (the fsync that follows reports real errors)."""
+    assert fsutil._sync_file_range() is not None
+    path = tmp_path / "instance.dcm"
+    data = os.urandom(300 * 1024)
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        fsutil.start_writeback(fh.fileno())
+        os.fsync(fh.fileno())
+    assert path.read_bytes() == data
+    fsutil.start_writeback(-1)  # EBADF: ignored

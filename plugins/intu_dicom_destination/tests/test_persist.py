@@ -117,3 +117,21 @@ def _temp(folder: Path, name: str) -> Path:
     temp = folder / f"{name}.tmp"
     temp.write_bytes(name.encode())
     return temp
+
+
+def test_a_copy_across_filesystems_leaves_nothing_at_the_temporary_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver deletes the temporary file only when the source did not move it (it tells it
+    with ``StoreRequest.moved``): so ``persist`` must leave nothing behind, copy or not."""
+    import errno
+
+    from intu_dicom_destination.scp import persist as module
+
+    def cross_device(src: object, dst: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(module.os, "replace", cross_device)
+    temp = _temp(tmp_path, "instance")
+    persist(temp, tmp_path / "f.dcm", ExplicitVRLittleEndian)
+    assert (tmp_path / "f.dcm").read_bytes() == b"instance" and not temp.exists()

@@ -64,6 +64,7 @@ def test_store_builds_body_file_and_metadata(source: Any, engine: RecordingEngin
     assoc.release()
     assert statuses == [0x0000, 0x0000]
     assert len(engine.messages) == 2
+    assert list(src.incoming_dir.iterdir()) == []  # each moved into the spool, none left behind
     for message, original_path in zip(engine.messages, files, strict=True):
         original = dcmread(original_path)
         body = message.body
@@ -315,6 +316,7 @@ def test_deflated_instances_are_stored_inflated(source: Any, engine: RecordingEn
     assert message.metadata["dicom"]["transfer_syntax_uid"] == DeflatedExplicitVRLittleEndian
     assert message.body["transfer_syntax_uid"] == ExplicitVRLittleEndian
     assert dcmread(message.body["file"]).PixelData == original.PixelData
+    assert list(src.incoming_dir.iterdir()) == []  # the deflated original is not left behind
 
 
 # -- TLS -------------------------------------------------------------------------------------------

@@ -7,12 +7,17 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import socket
 import stat
+import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from intu_dicom_destination.scp.direct import part10_header
 from intu_dicom_destination.shared import dimse
+from intu_dicom_destination.testing.attacks import c_echo_rq
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
@@ -102,3 +107,91 @@ def test_temporary_files_are_new_private_and_never_reuse_a_name(
     assert len({p for p, _ in created} | {path, taken}) == 5
     with pytest.raises(FileNotFoundError):  # as mkstemp: a missing folder is the caller's error
         direct._create_temp(tmp_path / "missing")
+
+
+# -- the Receiver over a socket pair -------------------------------------------------------------
+def _receiver(sock: socket.socket, tmp_path: Path, stored: list[bytes], write_timeout_s: float = 5.0):  # type: ignore[no-untyped-def]
+    from intu_dicom_destination.scp.direct import Peer, Receiver, Reply
+    from intu_dicom_destination.scp.guard import Connection
+
+    def store(request):  # type: ignore[no-untyped-def]
+        stored.append(request.path.read_bytes())
+        return Reply(0x0000)
+
+    conn = Connection(sock, ("127.0.0.1", 1))
+    receiver = Receiver(
+        sock,
+        conn,
+        Peer(contexts={1: (CTImageStorage, ExplicitVRLittleEndian)}, max_pdu=0),
+        incoming_dir=tmp_path,
+        max_instance_bytes=0,
+        max_pdu=0,
+        read_timeout_s=5.0,
+        write_timeout_s=write_timeout_s,
+        idle_timeout_s=5.0,
+        store=store,
+        echo=lambda: 0x0000,
+    )
+    return receiver, conn
+
+
+def test_a_dataset_in_thousands_of_tiny_fragments_is_written_whole(tmp_path: Path) -> None:
+    """Fragments are written together, one writev per read of the socket, at most IOV_MAX at a
+    time: 5,000 fragments of 7 bytes (a peer may send that) arrive intact, after the file header."""
+    ours, peer = socket.socketpair()
+    stored: list[bytes] = []
+    receiver, _ = _receiver(ours, tmp_path, stored)
+    dataset = os.urandom(7 * 5000)
+    command = dimse.store_command(1, CTImageStorage, "1.2.3.4")
+    stream = b"".join(dimse.command_pdus(1, command, 0))
+    pieces = [dataset[i : i + 7] for i in range(0, len(dataset), 7)]
+    stream += b"".join(
+        dimse.p_data(1, dimse.LAST if n == len(pieces) - 1 else 0, piece) for n, piece in enumerate(pieces)
+    )
+    stream += struct.pack(">BBLL", dimse.A_RELEASE_RQ, 0, 4, 0)
+    sender = threading.Thread(target=peer.sendall, args=(stream,))
+    sender.start()
+    ending = receiver.run()
+    sender.join(10)
+    response = peer.recv(65536)
+    peer.close()
+    ours.close()
+    assert ending.name == "RELEASED"
+    assert stored == [part10_header(CTImageStorage, "1.2.3.4", ExplicitVRLittleEndian) + dataset]
+    ds = _read(response[12:])  # one PDU: PDU header 6 + PDV header 6
+    assert (ds.CommandField, ds.Status) == (dimse.C_STORE_RSP, 0x0000)
+    assert list(tmp_path.iterdir()) == []  # the handler did not move it: the receiver deleted it
+
+
+def test_a_peer_that_stops_reading_answers_is_closed_after_the_write_timeout(tmp_path: Path) -> None:
+    """Answers are sent without blocking; when the peer leaves them unread until both socket
+    buffers are full, the connection ends after ``write_timeout_s`` with the reason logged."""
+    ours, peer = socket.socketpair()
+    for sock in (ours, peer):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    receiver, conn = _receiver(ours, tmp_path, [], write_timeout_s=0.5)
+    echo = c_echo_rq() * 16
+    stop = threading.Event()
+
+    def flood() -> None:  # C-ECHO requests, never reading the answers
+        peer.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                peer.sendall(echo)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    began = time.monotonic()
+    ending = receiver.run()
+    stop.set()
+    flooder.join(10)
+    peer.close()
+    ours.close()
+    assert ending.name == "CLOSED"
+    assert conn.reason == "peer did not read for 0.5 s"
+    assert time.monotonic() - began < 30

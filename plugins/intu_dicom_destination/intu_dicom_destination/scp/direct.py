@@ -8,11 +8,16 @@ machinery was most of the receiving side's CPU (issue 12's table: a bare pynetdi
 ms per 512 KiB instance, a plain socket loop 1.4-1.6 ms).
 
 Once pynetdicom has negotiated the association, ``Receiver`` takes its socket
-(``internals.run_data_phase``) and does the rest in one thread, with blocking reads under the
-guard's deadlines: PDUs are read into one buffer, command fragments are collected and decoded by
-hand (``shared.dimse``), dataset fragments go straight to the instance's file as they arrive (no
-PDU is held whole: memory stays flat whatever PDU size the peer uses), the source's C-STORE
-handler runs when the last fragment is written, and the response command is encoded by hand.
+(``internals.run_data_phase``) and does the rest in one thread, under the guard's deadlines:
+PDUs are read into one buffer, command fragments are collected and decoded by hand
+(``shared.dimse``), the dataset fragments of each read go to the instance's file together (one
+writev; no PDU is held whole: memory stays flat whatever PDU size the peer uses), the source's
+C-STORE handler runs when the last fragment is written, and the response command is encoded by
+hand. Each of these system calls lets another association's thread take the GIL, so there are
+few: a plain socket is read with MSG_DONTWAIT and polled only when nothing has arrived (with a
+timeout set, Python polls before every read and each ``settimeout`` is one more call), and the
+disk is asked to start writing the file while it arrives, so that the fsync before the answer
+waits for less (``intu_core.fsutil.start_writeback``).
 C-ECHO is answered here; any other request is answered "unrecognized operation" (0x0211), as
 the source offers only storage and verification. The rules the guard enforced on pynetdicom's
 path hold here too, with the same reasons in the log: read and write deadlines, PDU limits, the
@@ -26,7 +31,9 @@ import errno
 import io
 import itertools
 import os
+import select
 import socket
+import ssl
 import struct
 import time
 import uuid
@@ -34,9 +41,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import NoReturn
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from intu_core.fsutil import start_writeback
 from intu_dicom_destination.scp.guard import MAX_CONTROL_PDU, Connection
 from intu_dicom_destination.shared import dimse
 
@@ -86,6 +95,26 @@ _temp_names = itertools.count()
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
+#: Dataset bytes after which the disk is asked to start writing the file (``start_writeback``),
+#: so that its fsync before the answer waits for less: see ``intu_core.fsutil``.
+_WRITEBACK_STEP = 128 * 1024
+
+
+#: At most this many buffers per writev (Linux's IOV_MAX): a peer may send tiny fragments.
+_IOV_MAX = 1024
+
+
+def _write_all(fd: int, buffers: list[memoryview | bytes]) -> None:
+    """Write ``buffers`` in order (``os.writev``, again for what a short write left)."""
+    while buffers:
+        n = os.writev(fd, buffers)
+        while buffers and n >= len(buffers[0]):
+            n -= len(buffers[0])
+            buffers = buffers[1:]
+        if buffers and n:
+            buffers = [memoryview(buffers[0])[n:], *buffers[1:]]
+
+
 def _create_temp(folder: Path) -> tuple[Path, int]:
     """A new, empty file in ``folder`` (mode 0600, as mkstemp makes it) and its descriptor."""
     while True:
@@ -105,10 +134,12 @@ class Ending(Enum):
     ABORTED = "aborted"  # by us: a rule broken, a deadline, an error (the reason is on the connection)
 
 
-@dataclass(frozen=True)
+@dataclass
 class StoreRequest:
     """A received C-STORE, its dataset in a Part-10 file at ``path`` (file meta as pynetdicom writes
-    it), for the source's handler. ``failure``: writing the file failed (the rest was discarded)."""
+    it), for the source's handler. ``failure``: writing the file failed (the rest was discarded).
+    The handler sets ``moved`` once nothing is left at ``path`` (it moved the file into the spool),
+    sparing the receiver an unlink that would fail: a directory lookup in the answer's path."""
 
     sop_class: str
     sop_instance: str
@@ -116,6 +147,7 @@ class StoreRequest:
     transfer_syntax: str
     path: Path
     failure: OSError | None = None
+    moved: bool = False
 
 
 @dataclass(frozen=True)
@@ -182,8 +214,19 @@ class Receiver:
         self._context_id = 0
         self._file: io.FileIO | None = None
         self._path: Path | None = None
-        self._written = 0
+        self._written = 0  # dataset bytes received for the file
+        # Fragments received but not yet written: views of the buffer, written together (one
+        # writev per read) before the buffer is read into again.
+        self._pending: list[memoryview | bytes] = []
+        self._unsynced = 0  # bytes written since the disk was last asked to start writing them
         self._failure: OSError | None = None
+        # A plain socket is read and written with MSG_DONTWAIT, waiting in poll only when it must:
+        # with a timeout set, every read is a poll then a recv, and each settimeout one more
+        # system call, each of which lets another association's thread take the GIL. TLS sockets
+        # keep the timeouts (their buffered records are not visible to poll).
+        self._plain = not isinstance(sock, ssl.SSLSocket)
+        self._poll_in = select.poll()
+        self._poll_out = select.poll()
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, intact: bool = True) -> Ending:
@@ -193,6 +236,8 @@ class Receiver:
         try:
             if not intact:
                 raise _Abort("data sent before the A-ASSOCIATE-AC")
+            if self._plain:
+                self._use_plain_socket()
             while True:
                 pdu_type, length = self._next_pdu()
                 if pdu_type == dimse.P_DATA_TF:
@@ -301,10 +346,7 @@ class Receiver:
             chunk = self._take_some(size)
             size -= len(chunk)
             if self._file is not None and self._failure is None:
-                try:
-                    self._write(chunk)
-                except OSError as exc:
-                    self._fail(exc)
+                self._pending.append(chunk)
 
     def _dataset_complete(self) -> None:
         elements, self._elements = self._elements, None
@@ -314,6 +356,7 @@ class Receiver:
         if field != dimse.C_STORE_RQ:
             self._respond(elements, Reply(STATUS_UNRECOGNIZED_OPERATION))
             return
+        self._flush()
         file, path, failure = self._file, self._path, self._failure
         self._file = self._path = self._failure = None
         self._written = 0
@@ -336,7 +379,8 @@ class Receiver:
         try:
             reply = self._store(request)
         finally:
-            path.unlink(missing_ok=True)  # moved into the spool on success; else it is not needed
+            if not request.moved:  # else nothing is left at path to delete
+                path.unlink(missing_ok=True)
             try:
                 self._conn.temp_files.remove(path)
             except ValueError:
@@ -371,25 +415,31 @@ class Receiver:
         self._path, fd = _create_temp(self._incoming_dir)
         self._conn.temp_files.append(self._path)  # deleted by the guard if the connection dies
         self._file = io.FileIO(fd, "wb")
-        self._written = 0
+        self._written = self._unsynced = 0
         head = part10_header(
             dimse.text_value(elements, dimse.AFFECTED_SOP_CLASS),
             dimse.text_value(elements, dimse.AFFECTED_SOP_INSTANCE),
             self._peer.contexts[context_id][1],
         )
+        self._pending.append(head)
+
+    def _flush(self) -> None:
+        """Write the pending fragments to the file; a failed write is ``_fail``'s to handle. Every
+        ``_WRITEBACK_STEP`` bytes, the disk is asked to start writing them."""
+        pending, self._pending = self._pending, []
+        if not pending or self._file is None or self._failure is not None:
+            return
+        fd = self._file.fileno()
         try:
-            self._write(head)
+            for start in range(0, len(pending), _IOV_MAX):
+                _write_all(fd, pending[start : start + _IOV_MAX])
         except OSError as exc:
             self._fail(exc)
-
-    def _write(self, data: memoryview | bytes) -> None:
-        assert self._file is not None
-        view = memoryview(data)
-        while view:
-            n = self._file.write(view)
-            if n is None:  # not for a regular file; be safe
-                n = 0
-            view = view[n:]
+            return
+        self._unsynced += sum(map(len, pending))
+        if self._unsynced >= _WRITEBACK_STEP:
+            start_writeback(fd)
+            self._unsynced = 0
 
     def _fail(self, exc: OSError) -> None:
         """The disk refused a write: the rest of the dataset is read and dropped, the handler
@@ -402,6 +452,7 @@ class Receiver:
                 pass
 
     def _discard_file(self) -> None:
+        self._pending = []
         if self._file is not None:
             try:
                 self._file.close()
@@ -433,6 +484,7 @@ class Receiver:
             return bytes(collected)
         while self._end - self._start < n:
             if n > len(self._buf) - self._start:  # move what is left to the front
+                self._flush()  # (pending fragments are views of the buffer)
                 kept = self._end - self._start
                 self._buf[:kept] = self._buf[self._start : self._end]
                 self._start, self._end = 0, kept
@@ -452,14 +504,10 @@ class Receiver:
         return chunk
 
     def _fill(self, idle: bool = False) -> None:
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            self._timed_out(idle)
+        self._flush()  # the read may overwrite what pending fragments point at
+        view = self._view[self._end :]
         try:
-            self._sock.settimeout(left)
-            n = self._sock.recv_into(self._view[self._end :])
-        except TimeoutError:
-            self._timed_out(idle)
+            n = self._recv_plain(view, idle) if self._plain else self._recv_tls(view, idle)
         except OSError as exc:
             self._conn.note(f"connection lost: {exc.strerror or exc}")
             raise _Closed from None
@@ -469,6 +517,34 @@ class Receiver:
                 self._conn.note("connection closed in the middle of a PDU")
             raise _Closed
         self._end += n
+
+    def _use_plain_socket(self) -> None:
+        try:
+            self._sock.settimeout(None)  # blocking, but every call here passes MSG_DONTWAIT
+            self._poll_in.register(self._sock, select.POLLIN)
+            self._poll_out.register(self._sock, select.POLLOUT)
+        except OSError as exc:  # (closed meanwhile: the peer aborted, the guard shut it)
+            self._conn.note(f"connection lost: {exc.strerror or exc}")
+            raise _Closed from None
+
+    def _recv_plain(self, view: memoryview, idle: bool) -> int:
+        while True:
+            try:
+                return self._sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                left = self._deadline - time.monotonic()
+                if left <= 0 or not self._poll_in.poll(left * 1000):
+                    self._timed_out(idle)
+
+    def _recv_tls(self, view: memoryview, idle: bool) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            self._timed_out(idle)
+        try:
+            self._sock.settimeout(left)
+            return int(self._sock.recv_into(view))
+        except TimeoutError:
+            self._timed_out(idle)
 
     def _await_close(self) -> None:
         """After the A-RELEASE-RP the requestor closes the connection (PS3.8 9.2.2, state Sta13):
@@ -483,7 +559,7 @@ class Receiver:
         except OSError:  # closed, reset or timed out: done either way
             return
 
-    def _timed_out(self, idle: bool) -> None:
+    def _timed_out(self, idle: bool) -> NoReturn:
         if idle:
             raise _Abort(f"no PDU for {self._idle_timeout:g} s (idle_timeout_ms)")
         self._conn.note(f"no complete PDU within {self._read_timeout:g} s")
@@ -491,8 +567,11 @@ class Receiver:
 
     def _send(self, data: bytes) -> None:
         try:
-            self._sock.settimeout(self._write_timeout)
-            self._sock.sendall(data)
+            if self._plain:
+                self._send_plain(data)
+            else:
+                self._sock.settimeout(self._write_timeout)
+                self._sock.sendall(data)
         except TimeoutError:
             self._conn.note(f"peer did not read for {self._write_timeout:g} s")
             self._conn.close("write timeout")
@@ -501,3 +580,15 @@ class Receiver:
             if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.EBADF, errno.ENOTCONN):
                 self._conn.note(f"cannot send: {exc.strerror or exc}")
             raise _Closed from None
+
+    def _send_plain(self, data: bytes) -> None:
+        view = memoryview(data)
+        deadline = 0.0
+        while view:
+            try:
+                view = view[self._sock.send(view, socket.MSG_DONTWAIT) :]
+            except BlockingIOError:
+                deadline = deadline or time.monotonic() + self._write_timeout
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._poll_out.poll(left * 1000):
+                    raise TimeoutError from None

@@ -64,11 +64,12 @@ def persist(temp: Path, path: Path, transfer_syntax: str, *, max_bytes: int = 0,
 def begin_persist(
     temp: Path, path: Path, transfer_syntax: str, *, max_bytes: int = 0, max_ratio: int = 0
 ) -> Callable[[], None]:
-    """``persist``, in two halves: the file is at ``path`` on return, and the returned function
-    waits until it and its folder are fsynced (raising the ``OSError`` of a failed fsync). Between
-    the two the caller checks the file, which reads the page cache: the fsyncs (~2 ms for a 512
-    KiB instance here, the file's and the folder's at the same time) overlap that work instead of
-    adding to every C-STORE's round trip. A deflated instance is inflated and synced at once."""
+    """``persist``, in two halves: the file is at ``path`` on return (and nothing is left at
+    ``temp``), and the returned function waits until it and its folder are fsynced (raising the
+    ``OSError`` of a failed fsync). Between the two the caller checks the file, which reads the
+    page cache: the fsyncs (~2 ms for a 512 KiB instance here, the file's and the folder's at the
+    same time) overlap that work instead of adding to every C-STORE's round trip. A deflated
+    instance is inflated and synced at once."""
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         # Bulk-data offsets cannot point into a deflated stream: store it inflated.
         limit = max(temp.stat().st_size * max_ratio, _INFLATE_FLOOR) if max_ratio else 1 << 62
@@ -81,15 +82,16 @@ def begin_persist(
             dest.flush()
             os.fsync(dest.fileno())
         fsync_dir_shared(path.parent)
+        temp.unlink(missing_ok=True)
         return _done
     try:
-        # pynetdicom unlinks its temporary file after the handler, ignoring a missing one.
         os.replace(temp, path)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
         with open(temp, "rb") as src, open(path, "wb") as copy:
             shutil.copyfileobj(src, copy, _COPY_CHUNK)
+        temp.unlink(missing_ok=True)
     syncs = (_Sync(fsync_path, path), _Sync(fsync_dir_shared, path.parent))
 
     def wait() -> None:

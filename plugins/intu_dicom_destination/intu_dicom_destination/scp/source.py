@@ -467,8 +467,13 @@ class DicomSource:
         path = self.received_dir / f"{uuid.uuid4().hex}.dcm"
         try:
             durable = self._persist(request.path, path, transfer_syntax)
-            # Checked while the file and its folder are being fsynced (the checks read the cache).
+            request.moved = True
+            # Checked, and its message built, while the file and its folder are being fsynced (the
+            # checks read the page cache).
             checked = self._check_stored(path, sop_class, sop_instance, transfer_syntax)
+            message = None
+            if isinstance(checked, ScannedInstance):
+                message = self._message(checked, path, origin, request)
             if durable is not None:
                 durable()
             # The size the scan read (fstat) rather than another stat of the file.
@@ -519,28 +524,8 @@ class DicomSource:
         if isinstance(checked, Refusal):
             path.unlink(missing_ok=True)
             return self._refuse(checked, sop_instance, who)
-        scan = checked
-
-        message = Message(
-            body=scan.body(),
-            channel=name,
-            metadata={
-                "dicom": {
-                    "calling_ae_title": origin.calling_ae_title,
-                    "called_ae_title": origin.called_ae_title,
-                    "peer_address": origin.address,
-                    "peer_port": origin.port,
-                    "transfer_syntax_uid": transfer_syntax,
-                    "sop_class_uid": sop_class,
-                    "sop_instance_uid": sop_instance,
-                },
-                # What the message history keeps and searches by (intu_core.history).
-                "history": {"source": who, **scan.history_fields()},
-            },
-            files=(str(path),),
-        )
         deliver = self._deliver
-        assert deliver is not None
+        assert deliver is not None and message is not None  # (checked was a ScannedInstance)
         # From here on the engine owns message.files: it deletes them when it is done.
         try:
             acceptance = deliver(message)
@@ -550,6 +535,27 @@ class DicomSource:
             )
             return _status(STATUS_PROCESSING_FAILURE, f"engine error: {exc}")
         return _answer(acceptance, self.logger, name, sop_instance, who)
+
+    def _message(self, scan: ScannedInstance, path: Path, origin: Origin, request: StoreRequest) -> Message:
+        """The message of a received instance stored at ``path``."""
+        return Message(
+            body=scan.body(),
+            channel=self.runtime.name,
+            metadata={
+                "dicom": {
+                    "calling_ae_title": origin.calling_ae_title,
+                    "called_ae_title": origin.called_ae_title,
+                    "peer_address": origin.address,
+                    "peer_port": origin.port,
+                    "transfer_syntax_uid": request.transfer_syntax,
+                    "sop_class_uid": request.sop_class,
+                    "sop_instance_uid": request.sop_instance,
+                },
+                # What the message history keeps and searches by (intu_core.history).
+                "history": {"source": origin.who, **scan.history_fields()},
+            },
+            files=(str(path),),
+        )
 
     def _refuse(self, refusal: Refusal, sop_instance: str, who: str) -> Reply:
         self.logger.error(
