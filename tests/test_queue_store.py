@@ -655,6 +655,37 @@ def test_the_reserve_is_kept_released_on_a_full_disk_and_taken_again(tmp_path: P
     store.close()
 
 
+def test_a_reserve_given_up_by_another_process_refuses_new_messages_here_too(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The engine and its delivery process (``delivery: {process: true}``) each open the queue
+    with the reserve. When the delivery process gives it up on a full disk, the engine, whose own
+    reserve was never released, must see the file gone and refuse new messages too."""
+    import shutil
+    from collections import namedtuple
+
+    from intu_core.queue import reserve as reserve_module
+    from intu_core.queue.reserve import RESERVE_NAME
+
+    engine = SqliteQueueStore(tmp_path, reserve_bytes=1024 * 1024)
+    delivery = SqliteQueueStore(tmp_path, reserve_bytes=1024 * 1024)
+    assert engine.enqueue([("q", msg(1))])
+    assert delivery._reserve is not None and delivery._reserve.release()
+    assert not (tmp_path / RESERVE_NAME).exists()
+    assert engine._reserve is not None and not engine._reserve.released  # it did not see it go
+    usage = namedtuple("usage", "total used free")
+    real_disk_usage = shutil.disk_usage
+    monkeypatch.setattr(reserve_module.shutil, "disk_usage", lambda _: usage(10, 10, 1024))
+    with pytest.raises(QueueUnavailable, match="reserve is in use"):
+        engine.enqueue([("q", msg(2))])
+    monkeypatch.setattr(reserve_module.shutil, "disk_usage", real_disk_usage)
+    assert engine.enqueue([("q", msg(3))])  # room again: the reserve first, then the message
+    assert (tmp_path / RESERVE_NAME).stat().st_size == 1024 * 1024
+    assert len(engine.list_entries()) == 2  # the first and the third
+    engine.close()
+    delivery.close()
+
+
 def test_a_store_opened_for_looking_keeps_no_reserve(tmp_path: Path) -> None:
     from intu_core.queue.reserve import RESERVE_NAME
 
