@@ -196,12 +196,14 @@ def test_start_writeback_calls_sync_file_range_and_changes_nothing(tmp_path: Pat
     """The hint the DICOM source gives while a dataset arrives: on Linux it really reaches
     ``sync_file_range`` (not a silent no-op), the file is unchanged, and a bad descriptor is
     ignored (the fsync that follows reports real errors)."""
-    assert fsutil._sync_file_range() is not None
+    call = fsutil._sync_file_range()
+    assert call is not None
     path = tmp_path / "instance.dcm"
     data = os.urandom(300 * 1024)
     with open(path, "wb") as fh:
         fh.write(data)
         fh.flush()
+        assert call(fh.fileno(), 0, 0, fsutil.SYNC_FILE_RANGE_WRITE) == 0  # the kernel took it
         fsutil.start_writeback(fh.fileno())
         os.fsync(fh.fileno())
     assert path.read_bytes() == data

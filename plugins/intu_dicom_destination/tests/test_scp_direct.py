@@ -4,6 +4,7 @@ test_interop_peers and test_fidelity_corpus."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
@@ -110,7 +111,13 @@ def test_temporary_files_are_new_private_and_never_reuse_a_name(
 
 
 # -- the Receiver over a socket pair -------------------------------------------------------------
-def _receiver(sock: socket.socket, tmp_path: Path, stored: list[bytes], write_timeout_s: float = 5.0):  # type: ignore[no-untyped-def]
+def _receiver(  # type: ignore[no-untyped-def]
+    sock: socket.socket,
+    tmp_path: Path,
+    stored: list[bytes],
+    write_timeout_s: float = 5.0,
+    read_timeout_s: float = 5.0,
+):
     from intu_dicom_destination.scp.direct import Peer, Receiver, Reply
     from intu_dicom_destination.scp.guard import Connection
 
@@ -126,7 +133,7 @@ def _receiver(sock: socket.socket, tmp_path: Path, stored: list[bytes], write_ti
         incoming_dir=tmp_path,
         max_instance_bytes=0,
         max_pdu=0,
-        read_timeout_s=5.0,
+        read_timeout_s=read_timeout_s,
         write_timeout_s=write_timeout_s,
         idle_timeout_s=5.0,
         store=store,
@@ -135,13 +142,20 @@ def _receiver(sock: socket.socket, tmp_path: Path, stored: list[bytes], write_ti
     return receiver, conn
 
 
-def test_a_dataset_in_thousands_of_tiny_fragments_is_written_whole(tmp_path: Path) -> None:
+def test_a_dataset_in_thousands_of_tiny_fragments_is_written_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Fragments are written together, one writev per read of the socket, at most IOV_MAX at a
-    time: 5,000 fragments of 7 bytes (a peer may send that) arrive intact, after the file header."""
+    time: 20,000 fragments of 7 bytes (a peer may send that) arrive intact, after the file header,
+    and the disk is asked to start writing the file every 128 KiB."""
+    from intu_dicom_destination.scp import direct
+
+    writebacks: list[int] = []
+    monkeypatch.setattr(direct, "start_writeback", writebacks.append)
     ours, peer = socket.socketpair()
     stored: list[bytes] = []
     receiver, _ = _receiver(ours, tmp_path, stored)
-    dataset = os.urandom(7 * 5000)
+    dataset = os.urandom(7 * 20000)
     command = dimse.store_command(1, CTImageStorage, "1.2.3.4")
     stream = b"".join(dimse.command_pdus(1, command, 0))
     pieces = [dataset[i : i + 7] for i in range(0, len(dataset), 7)]
@@ -149,16 +163,27 @@ def test_a_dataset_in_thousands_of_tiny_fragments_is_written_whole(tmp_path: Pat
         dimse.p_data(1, dimse.LAST if n == len(pieces) - 1 else 0, piece) for n, piece in enumerate(pieces)
     )
     stream += struct.pack(">BBLL", dimse.A_RELEASE_RQ, 0, 4, 0)
-    sender = threading.Thread(target=peer.sendall, args=(stream,))
+    answers = bytearray()
+
+    def requestor() -> None:  # sends everything, reads the answer and the release, then closes
+        peer.sendall(stream)
+        while len(answers) < 12 or answers[-10:-4] != bytes([dimse.A_RELEASE_RP, 0, 0, 0, 0, 4]):
+            chunk = peer.recv(65536)
+            if not chunk:
+                break
+            answers.extend(chunk)
+        peer.close()
+
+    sender = threading.Thread(target=requestor)
     sender.start()
     ending = receiver.run()
     sender.join(10)
-    response = peer.recv(65536)
-    peer.close()
     ours.close()
     assert ending.name == "RELEASED"
     assert stored == [part10_header(CTImageStorage, "1.2.3.4", ExplicitVRLittleEndian) + dataset]
-    ds = _read(response[12:])  # one PDU: PDU header 6 + PDV header 6
+    assert len(writebacks) == len(dataset) // (128 * 1024)  # (the header counts too: 1 here)
+    response = bytes(answers)
+    ds = _read(response[12:-10])  # one PDU: PDU header 6 + PDV header 6; then the A-RELEASE-RP
     assert (ds.CommandField, ds.Status) == (dimse.C_STORE_RSP, 0x0000)
     assert list(tmp_path.iterdir()) == []  # the handler did not move it: the receiver deleted it
 
@@ -194,4 +219,58 @@ def test_a_peer_that_stops_reading_answers_is_closed_after_the_write_timeout(tmp
     ours.close()
     assert ending.name == "CLOSED"
     assert conn.reason == "peer did not read for 0.5 s"
-    assert time.monotonic() - began < 30
+    assert 0.5 <= time.monotonic() - began < 10  # the deadline ran, from the first blocked write
+
+
+def test_a_short_write_is_written_again_from_where_it_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_write_all``: what a short ``writev`` left (the middle of a buffer, or whole buffers) is
+    written next, in order."""
+    from intu_dicom_destination.scp import direct
+
+    written = bytearray()
+
+    def short_writev(fd: int, buffers: list[bytes]) -> int:  # at most 5 bytes a call
+        data = b"".join(bytes(b) for b in buffers)[:5]
+        written.extend(data)
+        return len(data)
+
+    monkeypatch.setattr(direct.os, "writev", short_writev)
+    pieces = [b"abc", memoryview(b"defghij"), b"", b"k", b"lmnopqrstu"]
+    direct._write_all(-1, pieces)
+    assert bytes(written) == b"abcdefghijklmnopqrstu"
+    assert len(pieces) == 5  # the caller's list is left alone
+
+
+def test_a_pdu_that_keeps_arriving_must_still_arrive_whole_within_the_read_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads that never have to wait (the peer is faster than the disk) still count against the
+    PDU's deadline: a slow disk does not let one PDU hold its association open for ever."""
+    from intu_dicom_destination.scp import direct
+
+    real_write_all = direct._write_all
+
+    def slow_disk(fd: int, buffers: list) -> None:  # type: ignore[type-arg]
+        time.sleep(0.05)
+        real_write_all(fd, buffers)
+
+    monkeypatch.setattr(direct, "_write_all", slow_disk)
+    ours, peer = socket.socketpair()
+    receiver, conn = _receiver(ours, tmp_path, [], read_timeout_s=0.3)
+    command = b"".join(dimse.command_pdus(1, dimse.store_command(1, CTImageStorage, "1.2.3.4"), 0))
+    big = dimse.p_data(1, dimse.LAST, bytes(16 * 1024 * 1024))  # 64 reads of the 256 KiB buffer
+
+    def requestor() -> None:
+        with contextlib.suppress(OSError):  # cut off: the receiver gave up on the PDU
+            peer.sendall(command + big)
+
+    sender = threading.Thread(target=requestor, daemon=True)
+    sender.start()
+    began = time.monotonic()
+    ending = receiver.run()
+    ours.close()
+    sender.join(10)
+    peer.close()
+    assert ending.name == "CLOSED" and conn.reason == "no complete PDU within 0.3 s"
+    assert time.monotonic() - began < 3  # not the 64 x 50 ms it would take to read it whole
+    assert list(tmp_path.iterdir()) == []  # the partial file deleted

@@ -106,13 +106,16 @@ _IOV_MAX = 1024
 
 def _write_all(fd: int, buffers: list[memoryview | bytes]) -> None:
     """Write ``buffers`` in order (``os.writev``, again for what a short write left)."""
+    buffers = list(buffers)
     while buffers:
         n = os.writev(fd, buffers)
-        while buffers and n >= len(buffers[0]):
-            n -= len(buffers[0])
-            buffers = buffers[1:]
+        done = 0  # buffers written whole (counted, then dropped at once: not one list copy each)
+        while done < len(buffers) and n >= len(buffers[done]):
+            n -= len(buffers[done])
+            done += 1
+        buffers = buffers[done:]
         if buffers and n:
-            buffers = [memoryview(buffers[0])[n:], *buffers[1:]]
+            buffers[0] = memoryview(buffers[0])[n:]
 
 
 def _create_temp(folder: Path) -> tuple[Path, int]:
@@ -520,7 +523,7 @@ class Receiver:
 
     def _use_plain_socket(self) -> None:
         try:
-            self._sock.settimeout(None)  # blocking, but every call here passes MSG_DONTWAIT
+            self._sock.settimeout(None)  # blocking: the reads and writes here pass MSG_DONTWAIT
             self._poll_in.register(self._sock, select.POLLIN)
             self._poll_out.register(self._sock, select.POLLOUT)
         except OSError as exc:  # (closed meanwhile: the peer aborted, the guard shut it)
@@ -529,11 +532,15 @@ class Receiver:
 
     def _recv_plain(self, view: memoryview, idle: bool) -> int:
         while True:
+            # Checked before each read, not only when one would wait: a PDU that keeps arriving
+            # faster than it is written must still arrive whole within the read timeout.
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                self._timed_out(idle)
             try:
                 return self._sock.recv_into(view, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                left = self._deadline - time.monotonic()
-                if left <= 0 or not self._poll_in.poll(left * 1000):
+                if not self._poll_in.poll(left * 1000):
                     self._timed_out(idle)
 
     def _recv_tls(self, view: memoryview, idle: bool) -> int:
