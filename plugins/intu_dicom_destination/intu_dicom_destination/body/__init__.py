@@ -24,25 +24,74 @@ nor writing an edited instance reads pixel data into memory as a whole.
 ``deflate`` inflates received Deflated Explicit VR Little Endian streams.
 """
 
-from intu_dicom_destination.body.deflate import inflate_part10, read_file_meta_info_from
-from intu_dicom_destination.body.model import (
-    BULK_THRESHOLD,
-    BulkRef,
-    DicomBody,
-    InvalidBody,
-    ScannedInstance,
-    body_from_file,
-    bulk_data_uri,
-    dataset_digest,
-    element_fingerprint,
-    parse_bulk_uri,
-    scan_file,
-)
-from intu_dicom_destination.body.part10 import (
-    PreparedInstance,
-    prepare_for_send,
-    write_part10_from_body,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from intu_dicom_destination.body.deflate import inflate_part10, read_file_meta_info_from
+    from intu_dicom_destination.body.model import (
+        BULK_THRESHOLD,
+        BulkRef,
+        DicomBody,
+        InvalidBody,
+        ScannedInstance,
+        body_from_file,
+        bulk_data_uri,
+        dataset_digest,
+        element_fingerprint,
+        parse_bulk_uri,
+        scan_file,
+    )
+    from intu_dicom_destination.body.part10 import (
+        PreparedInstance,
+        prepare_for_send,
+        write_part10_from_body,
+    )
+
+# Each name is imported from its module when first used (PEP 562): importing the package, or its
+# raw walk (``body.rawscan``, which needs no pydicom), does not import pydicom. `intu dicom send`
+# walks files while it still imports pydicom and pynetdicom (``cli.lookahead``).
+_MODULE_OF = {
+    "inflate_part10": "deflate",
+    "read_file_meta_info_from": "deflate",
+    "PreparedInstance": "part10",
+    "prepare_for_send": "part10",
+    "write_part10_from_body": "part10",
+    **dict.fromkeys(
+        (
+            "BULK_THRESHOLD",
+            "BulkRef",
+            "DicomBody",
+            "InvalidBody",
+            "ScannedInstance",
+            "body_from_file",
+            "bulk_data_uri",
+            "dataset_digest",
+            "element_fingerprint",
+            "parse_bulk_uri",
+            "scan_file",
+        ),
+        "model",
+    ),
+}
+
+
+if not TYPE_CHECKING:  # (for mypy, the imports above: a misspelt name stays an error)
+
+    def __getattr__(name: str) -> Any:
+        module = _MODULE_OF.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        globals()[name] = value  # once: later uses are plain attribute reads
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "BULK_THRESHOLD",

@@ -1,14 +1,14 @@
 """What `intu dicom send` sends for a path: the files under it, and for each file either what
-one raw walk found (``body.rawscan``, checked) or its file meta's UIDs, or why it is skipped."""
+one raw walk found (``body.rawscan``, checked) or its file meta's UIDs, or why it is skipped.
+
+Light to import (no pydicom until a file needs it): the command lists the files and starts
+looking at them (``cli.lookahead``) before it imports pydicom and pynetdicom."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
 
 from intu_dicom_destination.body.rawscan import Scanned, scan
 
@@ -29,6 +29,9 @@ def walk(paths: Iterable[Path]) -> Iterator[Path]:
 
 def meta(path: Path) -> tuple[str, str, str] | str:
     """(SOP class, SOP instance, transfer syntax) of a Part-10 file, or why it is not one."""
+    from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_file_meta_info
+
     try:
         # Only the file meta group (0002): not the rest of the header (2x faster per file).
         found = read_file_meta_info(path)

@@ -178,13 +178,17 @@ class DirectStore:
         a chunk at a time (one read for a 512 KiB instance) and written with one ``sendmsg`` per
         chunk (a PDU header and its slice of the chunk per PDU: no copies, few system calls)."""
         out: list[bytes | memoryview] = [p_data(context_id, COMMAND | LAST, command)]
+        full = p_data_header(context_id, 0, self._max_data)  # every PDU but the last: one header
         chunk, start, left = head, offset, size - offset
         while True:
             with memoryview(chunk) as view:
                 for pos in range(start, len(chunk), self._max_data):
                     piece = view[pos : pos + self._max_data]
                     left -= len(piece)
-                    out.append(p_data_header(context_id, LAST if left == 0 else 0, len(piece)))
+                    if left and len(piece) == self._max_data:
+                        out.append(full)
+                    else:
+                        out.append(p_data_header(context_id, LAST if left == 0 else 0, len(piece)))
                     out.append(piece)
                 _send(sock, out, deadline)
                 out.clear()

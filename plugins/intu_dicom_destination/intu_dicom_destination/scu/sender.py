@@ -19,7 +19,7 @@ from pydicom.filereader import read_file_meta_info
 from intu_core import SendResult
 from intu_dicom_destination.scu.contexts import Key
 from intu_dicom_destination.scu.exchange import EchoResult, Exchange
-from intu_dicom_destination.scu.pool import AssociationPool, NoAssociation
+from intu_dicom_destination.scu.pool import IDLE_DUL_DELAY, AssociationPool, NoAssociation
 from intu_dicom_destination.scu.settings import DestinationSettings
 
 
@@ -32,12 +32,15 @@ class DicomSender:
         logger: logging.Logger | None = None,
         *,
         work_dir: Path | None = None,
+        idle_poll_s: float = IDLE_DUL_DELAY,
     ) -> None:
         self.settings = settings
         self.logger = logger or logging.getLogger("intu.dicom.sender")
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.gettempdir())
         self.exchange = Exchange(settings, self.logger, self.work_dir)
-        self.pool = AssociationPool(settings, self.exchange.open, self.logger)
+        # idle_poll_s: how often pynetdicom's thread looks at an idle pooled association (see
+        # scu.pool): a long-lived sender polls slowly, ``intu dicom send`` at SENDING_DUL_DELAY.
+        self.pool = AssociationPool(settings, self.exchange.open, self.logger, idle_poll_s=idle_poll_s)
 
     @property
     def associations_opened(self) -> int:

@@ -1,26 +1,37 @@
-"""Importing pydicom without what `intu dicom send` never uses: its optional download helper.
+"""Importing pydicom and pynetdicom with less start-up work, for `intu dicom send`.
 
-pydicom imports ``requests`` (and with it urllib3, charset_normalizer, idna, certifi and the email
-package) for ``pydicom.data``'s test-file downloads: 0.08-0.29 s of CPU (3 runs, measured
-2026-12-03) of the 0.45-0.72 s that importing pynetdicom costs. Under
-``deferred_imports("requests")`` such a module is created empty and executed on first use (the
-standard library's ``importlib.util.LazyLoader``), so nothing changes for code that does use it.
+`intu dicom send` spends most of its first half second importing them, about what DCMTK's
+storescu needs for a whole study. What a plain send never uses is not done:
 
-numpy cannot be deferred this way: pydicom's pixel decoders (pylibjpeg's plugin discovery) use it
-while pydicom is imported, and transcoding needs them.
+* ``deferred_imports``: pydicom imports ``requests`` (and with it urllib3, charset_normalizer,
+  idna, certifi and the email package) and ``tqdm`` for ``pydicom.data``'s test-file downloads:
+  0.08-0.29 s of CPU (3 runs, measured 2026-12-03) of the 0.45-0.72 s that importing pynetdicom
+  costs. Under ``deferred_imports(...)`` such a module is created empty and executed on first
+  use (the standard library's ``importlib.util.LazyLoader``), so nothing changes for code that
+  does use it.
+* ``send_imports``: the cyclic garbage collector off while importing (imports allocate
+  hundreds of thousands of objects and free few of them), OpenBLAS's thread pool not started
+  (numpy starts one at import and it spins ~0.1 s of CPU on the other core, which the file
+  walk of ``cli.lookahead`` uses then), and pynetdicom's own UIDs (hundreds of constants, each
+  checked against a regular expression when it is built) not checked while it is imported.
+
+numpy cannot be deferred: pydicom's pixel decoders (pylibjpeg's plugin discovery) use it while
+pydicom is imported, and transcoding needs them.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import ModuleType
 
-__all__ = ["deferred_imports"]
+__all__ = ["deferred_imports", "send_imports"]
 
 
 class _DeferringFinder(importlib.abc.MetaPathFinder):
@@ -57,3 +68,34 @@ def deferred_imports(*names: str) -> Iterator[None]:
         yield
     finally:
         sys.meta_path.remove(finder)
+
+
+@contextmanager
+def send_imports() -> Iterator[None]:
+    """Import pynetdicom (and pydicom) inside this block with less work (see the module's
+    docstring); what is loaded is then frozen (``gc.freeze``): it lives until the process ends.
+
+    For a command that imports them once and then sends: ``intu dicom send``. OpenBLAS keeps
+    one thread for the whole process (numpy's linear algebra is not used by a send, and its
+    pixel conversions do not use OpenBLAS)."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with deferred_imports("requests", "tqdm"):
+            import pydicom.config
+
+        settings = pydicom.config.settings
+        mode = settings.reading_validation_mode
+        settings.reading_validation_mode = pydicom.config.IGNORE
+        try:
+            yield
+        finally:
+            settings.reading_validation_mode = mode
+        # Frozen, the collector no longer walks it: not in the forked workers (their pages stay
+        # shared) nor at exit, where it cost ~0.1 s of CPU with pydicom and numpy loaded
+        # (measured 2026-12-03).
+        gc.freeze()
+    finally:
+        if collecting:
+            gc.enable()
