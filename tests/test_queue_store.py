@@ -48,6 +48,31 @@ def store(tmp_path: Path):
     s.close()
 
 
+def test_a_long_read_does_not_hold_up_writes(store: SqliteQueueStore) -> None:
+    """A search of the history (an operator, the dashboard) may walk the whole table: the writes
+    it would hold up include the enqueue a C-STORE's answer waits for. Reads have a connection of
+    their own; here one is kept in the middle of a statement (its read transaction open) while
+    another thread enqueues, which must not wait for it."""
+    for n in range(3):
+        store.enqueue([("q", msg(n))])
+    done = threading.Event()
+    ids: list[str] = []
+
+    def enqueue() -> None:
+        ids.extend(store.enqueue([("q", msg(99))]))
+        done.set()
+
+    with store._read() as c:
+        rows = c.execute("SELECT id FROM entries ORDER BY seq")
+        assert rows.fetchone() is not None  # a statement in progress: its snapshot is held
+        writer = threading.Thread(target=enqueue)
+        writer.start()
+        assert done.wait(30), "the enqueue waited for the read"
+        assert len(rows.fetchall()) == 2  # the read still sees its own snapshot
+    writer.join()
+    assert [e.id for e in store.list_entries("q")][-1:] == ids  # and the next read the new entry
+
+
 def test_it_is_in_wal_mode_with_full_sync(store: SqliteQueueStore) -> None:
     # FULL's guarantee: every durable commit fsyncs the WAL before returning. The store commits
     # with NORMAL and runs that fsync itself (shared by concurrent writers): count the fsyncs.
@@ -55,8 +80,8 @@ def test_it_is_in_wal_mode_with_full_sync(store: SqliteQueueStore) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     conn.close()
-    with store._read() as c:
-        assert c.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL, plus our fsync
+    with store._lock:  # the writing connection's setting
+        assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL, plus our fsync
     synced: list[int] = []
     real = store._wal_sync
     store._wal_sync = lambda: (synced.append(store.wal_path.stat().st_size), real())[1]  # type: ignore[method-assign]
@@ -455,10 +480,11 @@ def test_a_database_of_a_newer_intu_is_refused(tmp_path: Path) -> None:
 
 # -- a full database -------------------------------------------------------------------------
 def fill_up(store: SqliteQueueStore) -> None:
-    """Make the database full as a full disk would: SQLite's own SQLITE_FULL at the next page."""
-    with store._read() as c:
-        pages = c.execute("PRAGMA page_count").fetchone()[0]
-        c.execute(f"PRAGMA max_page_count = {pages}")
+    """Make the database full as a full disk would: SQLite's own SQLITE_FULL at the next page
+    (a setting of the writing connection)."""
+    with store._lock:
+        pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+        store._conn.execute(f"PRAGMA max_page_count = {pages}")
 
 
 def test_a_full_database_is_unavailable_and_keeps_nothing_half_written(store: SqliteQueueStore) -> None:
@@ -472,8 +498,8 @@ def test_a_full_database_is_unavailable_and_keeps_nothing_half_written(store: Sq
     assert [e.id for e in store.list_entries()] == [kept]  # reading still works
     entry = store.claim("q")  # and so do claims and results that need no new page
     assert entry is not None and store.complete(entry.id, SendResult.success())
-    with store._read() as c:  # the disk has room again: the same store goes on, no reopening
-        c.execute("PRAGMA max_page_count = 1073741823")
+    with store._lock:  # the disk has room again: the same store goes on, no reopening
+        store._conn.execute("PRAGMA max_page_count = 1073741823")
     assert store.enqueue([("q", big)])
 
 
