@@ -49,6 +49,11 @@ DETAIL_LIMIT = 4000
 
 #: What ``MessageRecord.status`` may be.
 STATUSES = ("received", "filtered", "errored", "queued", "delivered", "dead", "partial")
+#: The statuses an operator searches for when something went wrong. The stores index the records
+#: in them by status (a partial index: a message that is received, queued and delivered never
+#: enters it, so it costs the data path nothing), since a search for a rare status would
+#: otherwise walk every record.
+PROBLEM_STATUSES = ("errored", "dead", "partial")
 
 
 class EventKind(enum.StrEnum):
@@ -292,6 +297,7 @@ def _text(value: Any) -> str:
 
 __all__ = [
     "IDENTIFIER_KEYS",
+    "PROBLEM_STATUSES",
     "STATUSES",
     "DestinationSummary",
     "destination_summaries",

@@ -17,7 +17,7 @@ import pytest
 from intu_core.config.problems import ConfigError
 from intu_core.config.project import load_project
 from intu_core.fsutil import GroupSync
-from intu_core.history import MessageQuery
+from intu_core.history import PROBLEM_STATUSES, MessageQuery
 from intu_core.message import AcceptanceStatus, Message, SendResult
 from intu_core.queue import EntryState, QueueDamaged, QueueNotFound, QueueStore, QueueUnavailable
 from intu_core.queue import sqlite as sqlite_backend
@@ -78,7 +78,7 @@ def test_it_is_in_wal_mode_with_full_sync(store: SqliteQueueStore) -> None:
     # with NORMAL and runs that fsync itself (shared by concurrent writers): count the fsyncs.
     conn = sqlite3.connect(store.path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     conn.close()
     with store._lock:  # the writing connection's setting
         assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL, plus our fsync
@@ -315,7 +315,7 @@ def test_a_version_2_database_is_upgraded_to_paths_relative_to_the_data_folder(
 
     store = SqliteQueueStore(data_dir)
     with store._read() as c:
-        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert [tuple(r) for r in c.execute("SELECT path FROM files")] == [("spool/router/a.dcm",)]
         assert c.execute("SELECT files FROM entries").fetchone()[0] == '["spool/router/a.dcm"]'
     [entry] = store.list_entries()
@@ -361,7 +361,9 @@ def test_a_version_3_database_gets_the_history_tables(tmp_path: Path) -> None:
     write_v3_database(data_dir)
     store = SqliteQueueStore(data_dir)
     with store._read() as c:
-        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        indexes = {row[0] for row in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "messages_by_problem" in indexes  # v5
         rows = c.execute("SELECT id, message_id FROM entries ORDER BY seq").fetchall()
         assert [tuple(r) for r in rows] == [("old-pending", "msg-old-pending"), ("old-dead", "msg-old-dead")]
     assert store.node_id == "sqlite-v3-node"
@@ -409,6 +411,29 @@ def test_history_searches_use_indexes(store: SqliteQueueStore) -> None:
     assert all(plan.startswith("SEARCH messages USING INDEX") for plan in plans.values()), plans
     assert "messages_by_received" in expire, expire
     assert journey.startswith("SEARCH events USING PRIMARY KEY") and "TEMP B-TREE" not in journey, journey
+
+
+def test_a_search_by_problem_status_goes_through_its_index(store: SqliteQueueStore) -> None:
+    """The statements find_messages runs, planned by SQLite: a search for a rare status (dead,
+    errored, partial) reads the partial index messages_by_problem instead of walking every record
+    by reception time; other searches are as before. Their answers are the queue contract's."""
+    statements: list[str] = []
+    with store._read() as c:
+        c.set_trace_callback(statements.append)
+    try:
+        for status in (*PROBLEM_STATUSES, "delivered", None):
+            statements.clear()
+            assert store.find_messages(MessageQuery(status=status)) == []
+            [statement] = statements  # the SQL with its values filled in
+            with store._read() as c:
+                plan = " ".join(row[3] for row in c.execute(f"EXPLAIN QUERY PLAN {statement}"))
+            if status in PROBLEM_STATUSES:
+                assert plan.startswith("SEARCH messages USING INDEX messages_by_problem"), (status, plan)
+            else:
+                assert "messages_by_problem" not in plan, (status, plan)
+    finally:
+        with store._read() as c:
+            c.set_trace_callback(None)
 
 
 def test_a_moved_data_folder_keeps_its_queue_and_files(tmp_path: Path) -> None:

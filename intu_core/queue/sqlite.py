@@ -1,7 +1,7 @@
 """The embedded queue backend (``queue: {backend: sqlite}``, the default): one SQLite database,
 ``<data_dir>/queue.db``, in WAL mode.
 
-Schema (``PRAGMA user_version = 4``)::
+Schema (``PRAGMA user_version = 5``)::
 
     entries(seq INTEGER PRIMARY KEY,        -- enqueue order; ties on next_attempt_at go by seq
             id TEXT UNIQUE, queue TEXT, state TEXT, attempts INTEGER,
@@ -19,6 +19,7 @@ Schema (``PRAGMA user_version = 4``)::
              sop_instance_uid, identifiers, tags, status, destinations,
              entries, events, updated_at)    -- v4: history; entries: ids still queued, events: count
     index messages_by_received, _by_accession, _by_patient, _by_study, _by_sop
+    index messages_by_problem(status, received_at)   -- v5: errored, dead, partial records only
     events(message_id, seq, at, kind, destination, attempt, status, code, detail)  -- v4, WITHOUT ROWID
 
 The history (``intu_core.history``) is written in the transaction of the queue change it
@@ -117,6 +118,7 @@ from urllib.parse import quote
 
 from intu_core.fsutil import GroupSync, fdatasync_path
 from intu_core.history import (
+    PROBLEM_STATUSES,
     Event,
     EventKind,
     Journey,
@@ -196,7 +198,14 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """,
     "v3: paths relative to the data folder",  # done by _relative_paths: it depends on where the folder is
     "v4: message history",  # done by _history_tables: entries.message_id is filled from each message
+    # v5: a search by a problem status (history.PROBLEM_STATUSES); see _PROBLEM_CLAUSE.
+    """
+CREATE INDEX IF NOT EXISTS messages_by_problem ON messages (status, received_at)
+    WHERE status IN ('errored', 'dead', 'partial');
+""",
 )
+#: SQLite uses a partial index only for a query whose WHERE has its condition word for word.
+_PROBLEM_CLAUSE = "status IN ('errored', 'dead', 'partial')"
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 #: What stands for the data folder's absolute path (with a trailing "/") in a stored message's
@@ -848,6 +857,8 @@ class SqliteQueueStore:
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
+        if query.status in PROBLEM_STATUSES:
+            clauses.append(_PROBLEM_CLAUSE)  # through messages_by_problem
         if query.since is not None:
             clauses.append("received_at >= ?")
             params.append(query.since)

@@ -24,6 +24,9 @@ Version 2 adds the message history (``intu_core.history``), as in the SQLite bac
     events(seq bigserial, message_id, at, kind, destination, attempt, status, code, detail)
     index events_by_message(message_id, seq)
 
+Version 3 adds ``index messages_by_problem(status, received_at)`` over the records whose status is
+errored, dead or partial only (``intu_core.history.PROBLEM_STATUSES``).
+
 Counters are kept per node and summed when read: one row per queue updated by every delivery
 would serialise the deliveries of all nodes on its row lock until each commit's WAL flush.
 
@@ -104,6 +107,11 @@ CREATE TABLE {s}.events (
     detail text NOT NULL DEFAULT ''
 );
 CREATE INDEX events_by_message ON {s}.events (message_id, seq)
+""",
+    # 3: a search by a problem status (intu_core.history.PROBLEM_STATUSES), as in SQLite's v5.
+    """
+CREATE INDEX messages_by_problem ON {s}.messages (status, received_at)
+    WHERE status IN ('errored', 'dead', 'partial')
 """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

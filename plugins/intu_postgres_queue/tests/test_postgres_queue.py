@@ -10,18 +10,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import intu_postgres_queue
 import psycopg
 import pytest
 from intu_postgres_queue import PostgresQueueStore, PostgresSettings, default_node_id, open_postgres
-from intu_postgres_queue.schema import SCHEMA_VERSION
+from intu_postgres_queue.history import find_messages
+from intu_postgres_queue.schema import SCHEMA_VERSION, quote_identifier
 from psycopg import conninfo
+from psycopg.rows import dict_row
 
 from intu_core.config.problems import ConfigError
 from intu_core.config.project import load_project
+from intu_core.history import PROBLEM_STATUSES, MessageQuery
 from intu_core.message import SendResult
 from intu_core.queue import QueueNotFound, QueueRuntime, QueueStore, QueueUnavailable
 from intu_core.testing import registry_with
@@ -161,7 +165,7 @@ def test_the_schema_is_versioned_and_opening_for_a_look_creates_nothing(pg_dsn: 
     PostgresQueueStore(pg_dsn, schema=pg_schema, node_id="n").close()
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         [(version,)] = conn.execute(f'SELECT version FROM "{pg_schema}".schema_version'.encode()).fetchall()
-        assert version == SCHEMA_VERSION == 2
+        assert version == SCHEMA_VERSION == 3
         PostgresQueueStore(pg_dsn, schema=pg_schema, node_id="n", create=False).close()
         conn.execute(f'UPDATE "{pg_schema}".schema_version SET version = 99'.encode())
     with pytest.raises(RuntimeError, match="has version 99, newer than this"):
@@ -304,3 +308,33 @@ def test_a_nodes_sweep_keeps_files_another_node_is_sending(
     assert not Path(queued).exists()
     for s in (restarted, b):
         s.close()
+
+
+class _Explaining:
+    """Stands for a connection: runs EXPLAIN of each statement on ``conn``, keeps the plans."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+        self.plans: list[str] = []
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> _Explaining:
+        rows = self.conn.execute(f"EXPLAIN {sql}".encode(), params).fetchall()
+        self.plans.append(" ".join(str(next(iter(row.values()))) for row in rows))
+        return self
+
+    def fetchall(self) -> list[Any]:
+        return []
+
+
+def test_a_search_by_problem_status_goes_through_its_index(pg_dsn: str, pg_schema: str) -> None:
+    """find_messages's own statement, planned by PostgreSQL (sequential scans off, since the table
+    is empty): a search for a rare status reads the partial index messages_by_problem (schema
+    version 3); a search for a common one does not."""
+    PostgresQueueStore(pg_dsn, schema=pg_schema, node_id="n").close()
+    with psycopg.connect(pg_dsn, autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("SET enable_seqscan = off")
+        for status in (*PROBLEM_STATUSES, "delivered"):
+            explaining = _Explaining(conn)
+            find_messages(explaining, quote_identifier(pg_schema), MessageQuery(status=status))  # type: ignore[arg-type]
+            [plan] = explaining.plans
+            assert ("messages_by_problem" in plan) == (status in PROBLEM_STATUSES), (status, plan)
