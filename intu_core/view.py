@@ -8,7 +8,10 @@ object itself stays private to the core. Every call returns a fresh snapshot of 
 from __future__ import annotations
 
 import enum
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +25,15 @@ if TYPE_CHECKING:
     from intu_core.engine import Engine
     from intu_core.metrics import MetricsSnapshot
     from intu_core.queue import QueueStats
+
+
+#: Reads of the queue store a plugin (the HTTP API, a dashboard) may run at once. Each holds one
+#: of the store's connections while it runs (with PostgreSQL one of ``queue.pool_size``, which the
+#: data path uses too): a burst of long history searches would otherwise take them all, and the
+#: enqueues C-STOREs wait for would be refused as busy. Other reads wait their turn, up to
+#: ``READ_WAIT_S``, then get ``QueueUnavailable``.
+CONCURRENT_READS = 2
+READ_WAIT_S = 30.0
 
 
 class ChannelState(enum.Enum):
@@ -62,6 +74,7 @@ class EngineView:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._created = time.time()  # "up since" of a destination that was never down
+        self._reads = threading.BoundedSemaphore(CONCURRENT_READS)
 
     @property
     def data_dir(self) -> Path:
@@ -93,8 +106,10 @@ class EngineView:
         """One ``QueueStats`` per queue, while the engine runs (empty before it is built).
 
         Reads the queue store, so it may raise ``intu_core.queue.QueueUnavailable``."""
-        store = self._engine.store
-        return store.stats() if store is not None else []
+        if self._engine.store is None:
+            return []
+        with self._reading() as store:
+            return store.stats()
 
     def metrics(self) -> MetricsSnapshot:
         """Every metric's current value (``MetricsRegistry.collect()``)."""
@@ -105,21 +120,39 @@ class EngineView:
     ) -> list[Entry]:
         """Queue entries (of ``queue``, in ``state``; oldest first, at most ``limit``), e.g. the
         dead letters an operator may retry. Raises ``QueueUnavailable`` when the queue cannot be read."""
-        return self._open_store().list_entries(queue, state, limit)
+        with self._reading() as store:
+            return store.list_entries(queue, state, limit)
 
     def entry(self, entry_id: str) -> Entry | None:
         """The queue entry ``entry_id``, or None when there is none (delivered, purged, unknown)."""
-        return self._open_store().get(entry_id)
+        with self._reading() as store:
+            return store.get(entry_id)
 
     def find_messages(self, query: MessageQuery) -> list[MessageRecord]:
         """The message history's records matching ``query``, newest first
         (``intu_core.history``). Raises ``QueueUnavailable`` when the queue cannot be read."""
-        return self._open_store().find_messages(query)
+        with self._reading() as store:
+            return store.find_messages(query)
 
     def journey(self, message_id: str) -> Journey | None:
         """One message's record, its events and its entries still queued; None when unknown (or
         forgotten after ``history.retention_days``)."""
-        return self._open_store().journey(message_id)
+        with self._reading() as store:
+            return store.journey(message_id)
+
+    @contextmanager
+    def _reading(self) -> Iterator[QueueStore]:
+        """The queue store, for one read among at most ``CONCURRENT_READS``."""
+        store = self._open_store()
+        if not self._reads.acquire(timeout=READ_WAIT_S):
+            raise QueueUnavailable(
+                f"{CONCURRENT_READS} reads of the queue have been running for {READ_WAIT_S:g} s;"
+                " try again later"
+            )
+        try:
+            yield store
+        finally:
+            self._reads.release()
 
     def _open_store(self) -> QueueStore:
         store = self._engine.store

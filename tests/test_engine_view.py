@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from types import SimpleNamespace
 
+import pytest
 from project_files import write
 
 from intu_core import EngineView, Message, hookimpl
-from intu_core.queue import QueueStats
+from intu_core import view as view_module
+from intu_core.history import MessageQuery
+from intu_core.queue import QueueStats, QueueUnavailable
 from intu_core.testing import engine_deliver, manual_source, registry_with, running_engine
-from intu_core.view import ChannelState, ChannelView, DestinationView
+from intu_core.view import CONCURRENT_READS, ChannelState, ChannelView, DestinationView
 
 
 def project(tmp_path):
@@ -105,3 +110,44 @@ def test_a_channel_says_whether_its_listener_is_bound_when_its_source_listens(tm
         assert listening == {"ears": True, "hands": None}  # a source without listening(): None
         ListeningSource.bound = False
         assert {c.name: c.listening for c in engine.view.channels()}["ears"] is False
+
+
+class _SlowStore:
+    """A queue store whose searches wait until released, counting how many run at once."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.running = self.most = 0
+        self._lock = threading.Lock()
+
+    def find_messages(self, query: MessageQuery) -> list[object]:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        self.release.wait(30)
+        with self._lock:
+            self.running -= 1
+        return []
+
+
+def test_a_burst_of_plugin_reads_runs_a_few_at_a_time(monkeypatch) -> None:
+    """A dashboard or script asking many slow searches at once must not take every connection of
+    the queue store (PostgreSQL's pool is shared with the enqueues C-STOREs wait for): at most
+    CONCURRENT_READS run, the others wait their turn, and past READ_WAIT_S a read is refused."""
+    store = _SlowStore()
+    view = EngineView(SimpleNamespace(store=store))  # type: ignore[arg-type]
+    results: list[object] = []
+    search = lambda: results.append(view.find_messages(MessageQuery()))  # noqa: E731
+    readers = [threading.Thread(target=search) for _ in range(6)]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 30
+    while store.running < CONCURRENT_READS and time.monotonic() < deadline:
+        time.sleep(0.01)
+    monkeypatch.setattr(view_module, "READ_WAIT_S", 0.05)
+    with pytest.raises(QueueUnavailable, match="reads of the queue"):
+        view.journey("x")  # no turn within READ_WAIT_S: refused, not queued for ever
+    store.release.set()
+    for reader in readers:
+        reader.join(30)
+    assert results == [[]] * 6 and store.most == CONCURRENT_READS
