@@ -91,12 +91,14 @@ waiting on another's write lock sleeps in its busy handler, whereas a Python loc
 once. A claim is committed without an fsync (see ``claim``): that alone took end-to-end throughput
 from ~1,300/s to ~1,450/s. A second process (``intu queue ...`` while ``intu serve`` runs) is a
 second connection: ``busy_timeout`` makes each side wait for the other's short transactions.
-Reads (the history's searches, the queue's listings and counts) have a connection and a lock of
-their own, opened on first use: in WAL mode readers and the writer work at once, so a long read
-does not hold up a write. A history search that finds few matches walks the index on reception
-time through the whole table: 0.3 s for a million records in the page cache, 2.2 s from a cold
-disk (measured 2026-12-03), and behind the writers' lock every C-STORE's answer, which waits for
-its enqueue, would have waited for the dashboard's search.
+Reads have connections and locks of their own, opened on first use: in WAL mode readers and the
+writer work at once, so a long read does not hold up a write. A history search that finds few
+matches walks the index on reception time through the whole table: 0.3 s for a million records
+in the page cache, 2.2 s from a cold disk (measured 2026-12-03), and behind the writers' lock
+every C-STORE's answer, which waits for its enqueue, would have waited for the dashboard's
+search. For the same reason the engine's own reads (the queue depth its admission checks, when
+the next entry is due, the counts `/readyz` reads, the start-up sweep) have one connection and
+an operator's (searches, journeys, listings, one entry) another: a search never delays them.
 """
 
 from __future__ import annotations
@@ -237,6 +239,43 @@ def _may_use_reserve(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+class _Reader:
+    """A reading connection behind a lock, opened on first use; ``None`` once closed."""
+
+    def __init__(self, path: Path, busy_timeout_ms: int) -> None:
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    @contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection | None]:
+        with self._lock:
+            if self._conn is None and not self._closed:
+                self._conn = self._open()
+            yield self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        timeout_s = self._busy_timeout_ms / 1000
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=timeout_s)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            conn.execute("PRAGMA query_only = ON")  # a read that writes would be a bug
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
 class SqliteQueueStore:
     """The ``QueueStore`` kept in ``data_dir/queue.db`` (see the module docstring for the schema).
 
@@ -261,8 +300,9 @@ class SqliteQueueStore:
         self.path = self.data_dir / DB_NAME
         self.paths = DataPaths(self.data_dir)
         self._lock = threading.Lock()  # the writing connection's
-        self._read_lock = threading.Lock()
-        self._reader: sqlite3.Connection | None = None  # opened by the first read
+        # The engine's reads and an operator's, each on a connection of its own (module docstring).
+        self._engine_reads = _Reader(self.path, busy_timeout_ms)
+        self._operator_reads = _Reader(self.path, busy_timeout_ms)
         self._busy_timeout_ms = busy_timeout_ms
         self.wal_path = self.path.with_name(DB_NAME + "-wal")
         # Opened by path at each run: SQLite keeps the same file while any connection is open.
@@ -410,28 +450,19 @@ class SqliteQueueStore:
             raise QueueUnavailable(self._wal_failed) from exc
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """The reading connection (see the module docstring: reads do not wait for writes)."""
-        with self._read_lock, _unavailable(self.path):
-            if self._closed:
-                yield self._conn  # closed: it raises as any use of a closed store does
+    def _read(self, reads: _Reader | None = None) -> Iterator[sqlite3.Connection]:
+        """A reading connection: the engine's (by default) or ``self._operator_reads``. The
+        statements run inside the block see one snapshot of the database."""
+        with _unavailable(self.path), (reads or self._engine_reads).connection() as conn:
+            if conn is None:  # closed: raise as any use of a closed store does
+                yield self._conn
                 return
-            if self._reader is None:
-                self._reader = self._open_reader()
-            yield self._reader
-
-    def _open_reader(self) -> sqlite3.Connection:
-        reader = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=self._busy_timeout_ms / 1000
-        )
-        try:
-            reader.row_factory = sqlite3.Row
-            reader.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-            reader.execute("PRAGMA query_only = ON")  # a read that writes would be a bug
-        except BaseException:
-            reader.close()
-            raise
-        return reader
+            conn.execute("BEGIN")  # (deferred: a read transaction from the first statement on)
+            try:
+                yield conn
+            finally:
+                if conn.in_transaction:  # (an error may have ended it)
+                    conn.execute("COMMIT")
 
     # -- writing ---------------------------------------------------------------------------
     def enqueue(
@@ -825,7 +856,7 @@ class SqliteQueueStore:
         ]
 
     def get(self, entry_id: str) -> Entry | None:
-        with self._read() as conn:
+        with self._read(self._operator_reads) as conn:
             row = conn.execute(f"SELECT {_COLUMNS} FROM entries WHERE id = ?", (entry_id,)).fetchone()
         return self._entry(row) if row is not None else None
 
@@ -834,7 +865,7 @@ class SqliteQueueStore:
     ) -> list[Entry]:
         """Entries in enqueue order, optionally of one queue and one state."""
         where, params = _filters(queue, None, (state.value,) if state is not None else None)
-        with self._read() as conn:
+        with self._read(self._operator_reads) as conn:
             rows = conn.execute(
                 f"SELECT {_COLUMNS} FROM entries WHERE {where} ORDER BY seq LIMIT ?", (*params, limit)
             ).fetchall()
@@ -866,7 +897,7 @@ class SqliteQueueStore:
             clauses.append("received_at < ?")
             params.append(query.until)
         where = " AND ".join(clauses) or "1"
-        with self._read() as conn:
+        with self._read(self._operator_reads) as conn:
             rows = conn.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {where}"
                 " ORDER BY received_at DESC, id LIMIT ?",
@@ -876,7 +907,7 @@ class SqliteQueueStore:
 
     def journey(self, message_id: str) -> Journey | None:
         """The record of ``message_id``, its events oldest first, and its entries still queued."""
-        with self._read() as conn:
+        with self._read(self._operator_reads) as conn:
             row = conn.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
             ).fetchone()
@@ -931,11 +962,11 @@ class SqliteQueueStore:
         return _unlink(self.paths.absolute(p) for p in stored)
 
     def close(self) -> None:
-        with self._lock, self._read_lock:
+        with self._lock:
             if not self._closed:
                 self._closed = True
-                if self._reader is not None:
-                    self._reader.close()
+                self._engine_reads.close()  # (before the writer: the last to close checkpoints)
+                self._operator_reads.close()
                 self._conn.close()
 
     def __enter__(self) -> SqliteQueueStore:
