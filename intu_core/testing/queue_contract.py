@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from intu_core.history import Event, EventKind, MessageQuery
+from intu_core.history import PROBLEM_STATUSES, Event, EventKind, MessageQuery
 from intu_core.message import Message, SendResult
 from intu_core.queue import EntryState, QueueStore, channel_queue
 
@@ -538,6 +538,27 @@ class QueueContract:
         assert ids(accession_number="none") == []
         with pytest.raises(ValueError):
             MessageQuery(status="bogus")
+
+    def test_find_messages_finds_a_record_of_each_problem_status(self, store: QueueStore) -> None:
+        # The backends search these through an index of their own (history.PROBLEM_STATUSES).
+        errored, dead, partial = study_msg("P", 1), study_msg("P", 2), study_msg("P", 3)
+        store.record_error(errored, channel_queue("router"), "transformer.py:transform: KeyError")
+        store.enqueue([("pacs", dead)], origin=dead)
+        store.enqueue([("pacs", partial), ("archive", partial)], origin=partial)
+        while (entry := store.claim("pacs")) is not None:
+            if entry.message.id == dead.id:
+                store.dead_letter(entry.id, SendResult.permanent("refused"))
+            else:
+                store.complete(entry.id, SendResult.success())
+        archive = store.claim("archive")
+        assert archive is not None and store.dead_letter(archive.id, SendResult.permanent("refused"))
+        expected = {"errored": errored.id, "dead": dead.id, "partial": partial.id}
+        assert set(expected) == set(PROBLEM_STATUSES)
+        for status, message_id in expected.items():
+            assert [r.id for r in store.find_messages(MessageQuery(status=status))] == [message_id], status
+            assert [r.id for r in store.find_messages(MessageQuery(status=status, accession_number="P"))] == [
+                message_id
+            ], status
 
     def test_expired_history_is_deleted_unless_still_queued(self, store: QueueStore) -> None:
         done, waiting = study_msg("E", 1), study_msg("E", 2)

@@ -338,3 +338,14 @@ def test_a_search_by_problem_status_goes_through_its_index(pg_dsn: str, pg_schem
             find_messages(explaining, quote_identifier(pg_schema), MessageQuery(status=status))  # type: ignore[arg-type]
             [plan] = explaining.plans
             assert ("messages_by_problem" in plan) == (status in PROBLEM_STATUSES), (status, plan)
+
+
+def test_the_problem_clause_is_the_index_condition_and_names_the_problem_statuses() -> None:
+    # Stated in the search so that a generic plan uses the index too: it must be the index's
+    # condition, and a new problem status needs a new index (and schema version).
+    from intu_postgres_queue import history, schema
+
+    clause = history._PROBLEM_CLAUSE
+    assert clause == "status IN ({})".format(", ".join(f"'{s}'" for s in PROBLEM_STATUSES))
+    index = next(m for m in schema.MIGRATIONS if "messages_by_problem" in m)
+    assert index.rstrip().endswith(f"WHERE {clause}")
