@@ -73,6 +73,36 @@ def test_send_imports_restores_what_it_changes_and_defers_the_download_helpers()
         "assert loaded == ([] if 'requests' in present else ['tqdm']), loaded\n"
         "from tqdm import tqdm\n"  # still works on first use
         "assert callable(tqdm)\n"
+        # pydicom's samples and its legacy pylibjpeg handler: deferred, and there when used.
+        "for name in ('pydicom.examples', 'pydicom.pixel_data_handlers.pylibjpeg_handler'):\n"
+        "    assert type(sys.modules[name]).__name__ == '_LazyModule', name\n"
+        "import pydicom.examples\n"
+        "assert pydicom.examples.get_path('ct').name == 'CT_small.dcm'\n"
+        "assert 'pylibjpeg' in [h.HANDLER_NAME for h in pydicom.config.pixel_data_handlers]\n"
+        "from importlib import metadata\n"
+        "assert metadata.entry_points.__module__ == 'importlib.metadata'\n"  # put back
+        "print('ok')\n"
+    )
+    assert out.strip() == "ok"
+
+
+def test_entry_points_are_read_once_inside_the_block_with_the_same_answers() -> None:
+    out = _run(
+        "from importlib import metadata\n"
+        "from intu_dicom_destination.shared.imports import entry_points_read_once\n"
+        "groups = ('intu', 'console_scripts', 'pylibjpeg.pixel_data_decoders', 'no.such.group')\n"
+        "before = {g: metadata.entry_points(group=g) for g in groups}\n"
+        "read = metadata.distributions\n"
+        "calls = []\n"
+        "metadata.distributions = lambda **kw: calls.append(1) or read(**kw)\n"
+        "with entry_points_read_once():\n"
+        "    inside = {g: metadata.entry_points(group=g) for g in groups}\n"
+        "    named = metadata.entry_points(group='intu', name='dicom')\n"
+        "assert calls == [1], calls\n"
+        "assert inside == before, (inside, before)\n"
+        "assert list(named) == [ep for ep in before['intu'] if ep.name == 'dicom']\n"
+        "metadata.entry_points(group='intu')\n"  # after the block: read again, as before
+        "assert calls == [1, 1], calls\n"
         "print('ok')\n"
     )
     assert out.strip() == "ok"
@@ -188,3 +218,69 @@ def test_intu_dicom_send_to_storescp_sends_checks_and_refuses_as_before(storescp
     for uid, ds in arrived.items():
         assert ds.SOPClassUID == originals[uid].SOPClassUID
         assert ds.PixelData == originals[uid].PixelData
+
+
+# `intu dicom send` as the console script runs it, with two probes: what was imported and executed
+# (written by an atexit handler, which still runs) and whether the interpreter's teardown ran.
+SEND_PROBE = """
+import atexit, os, sys
+from intu_core.cli import main
+
+class Teardown:
+    def __del__(self):
+        os.write(2, b"teardown\\n")
+
+def dump(path=sys.argv[1]):
+    with open(path, "w") as out:
+        # (type(), not an attribute: that would execute a deferred module)
+        out.write("\\n".join(n for n, m in sys.modules.items() if type(m).__name__ != "_LazyModule"))
+
+keep = Teardown()
+atexit.register(dump)
+sys.argv = ["intu", *sys.argv[2:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("count", [1, 3])  # one file: threads in this process; three: workers
+def test_intu_dicom_send_imports_no_queue_or_history_commands_and_ends_at_once(
+    storescp, ct_files, tmp_path, count
+) -> None:
+    peer = storescp()
+    files = ct_files(count)
+    project = write_router_project(
+        tmp_path / "project", router_port=None, pacs_port=peer.port, pacs_ae=peer.ae_title, queue=None
+    )
+    modules = tmp_path / "modules.txt"
+    args = ["--dir", str(project), "dicom", "send", "hospital-pacs", *map(str, files)]
+    res = subprocess.run(
+        [sys.executable, "-c", SEND_PROBE, str(modules), *args],
+        capture_output=True, text=True, timeout=120, env=INTEROP_ENV,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert re.fullmatch(rf"sent {count} of {count} .*: {count} ok, 0 with warnings, 0 failed\n", res.stdout)
+    assert "teardown" not in res.stderr, res.stderr  # ended with os._exit, output complete
+    loaded = set(modules.read_text().split())
+    assert {"pydicom", "pynetdicom", "intu_core.cli"} <= loaded
+    assert not loaded & {"intu_core.queue.commands", "intu_core.history_commands", "pydicom.examples"}
+    deadline = time.monotonic() + 15
+    while len(list(peer.folder.glob("*"))) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    arrived = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, peer.folder.glob("*"))}
+    originals = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, files)}
+    assert set(arrived) == set(originals)
+    for uid, ds in arrived.items():
+        assert ds.PixelData == originals[uid].PixelData
+
+
+def test_intu_dicom_send_refusals_keep_their_message_and_status(tmp_path) -> None:
+    project = write_router_project(tmp_path / "project", router_port=None, pacs_port=1, queue=None)
+    res = subprocess.run(
+        intu_command(project, "dicom", "send", "no-such-destination", str(tmp_path)),
+        capture_output=True, text=True, timeout=120, env=INTEROP_ENV,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stdout == ""
+    assert (
+        res.stderr.startswith("Usage: ") and "Error: " in res.stderr and "no-such-destination" in res.stderr
+    )

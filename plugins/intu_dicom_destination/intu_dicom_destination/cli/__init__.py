@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from intu_core.cli import exit_at_once
 from intu_dicom_destination.scu.settings import DestinationSettings
 from intu_dicom_destination.shared.imports import deferred_imports, send_imports
 from intu_dicom_destination.shared.tls import TlsConfigError, client_context
@@ -65,6 +66,7 @@ def dicom() -> None:
 @click.pass_context
 def echo(ctx: click.Context, destination: str) -> None:
     """C-ECHO DESTINATION (from intu.yaml) and show the negotiated parameters."""
+    exit_at_once()  # nothing left running when it returns (pynetdicom's threads are daemons)
     with deferred_imports("requests"):
         from intu_dicom_destination.cli.echo import run_echo
 
@@ -88,6 +90,8 @@ def send(
     ctx: click.Context, destination: str, paths: tuple[Path, ...], associations: int | None, no_progress: bool
 ) -> None:
     """Send DICOM files and folders (recursively) to DESTINATION (from intu.yaml)."""
+    # Its children are reaped and its thread pools joined before it returns.
+    exit_at_once()
     from intu_dicom_destination.cli.files import walk
     from intu_dicom_destination.cli.lookahead import Lookahead
 
