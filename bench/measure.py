@@ -110,9 +110,15 @@ def wait_count(
     stall: float = 30.0,
 ) -> float | None:
     """perf_counter() when ``folder`` first holds ``n`` files, or None on timeout, when nothing new
-    arrived for ``stall`` seconds, or when ``alive`` died and nothing more arrives."""
-    deadline = time.perf_counter() + timeout
-    last, last_change = -1, time.perf_counter()
+    arrived for ``stall`` seconds, or when ``alive`` died and nothing more arrives.
+
+    A scan of a folder of 1000 files takes 0.36 ms of CPU (measured 2026-12-04), which the
+    processes measured lack on a 2-core machine: scanned every 5 ms, it took 3.6 % of all CPU
+    samples of a route run (perf). So the scans are spaced by the time the files left need at
+    the rate seen so far (half of it, at most 0.25 s), and every ``poll`` near the end."""
+    start = time.perf_counter()
+    deadline = start + timeout
+    last, last_change = -1, start
     while True:
         now = time.perf_counter()
         c = count_files(folder)
@@ -124,7 +130,8 @@ def wait_count(
             return None
         if alive is not None and alive.poll() is not None and now - last_change > 2.0:
             return None
-        time.sleep(poll)
+        rate = c / (now - start) if c and now > start else 0.0
+        time.sleep(min(0.25, max(poll, 0.5 * (n - c) / rate)) if rate else poll)
 
 
 def median(values: list[float | None]) -> float | None:

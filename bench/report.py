@@ -11,9 +11,12 @@ from intu import REPO
 from measure import cmd_output
 from peers import Peers
 
+# Issue 12's (the first wave's were send >= 0.5x and route no slower than Orthanc). The route's
+# ratio is the better of intu's two ways (one process, delivery process) over the faster of
+# Orthanc's, for the senders of the run (`--senders`).
 TARGETS = {
-    "send": "intu dicom send >= 0.5 x DCMTK storescu throughput",
-    "route": "storescu -> intu serve -> storescp end-to-end no slower than Orthanc",
+    "send": "intu dicom send >= 1.0 x DCMTK storescu throughput",
+    "route": "storescu -> intu serve -> storescp 1.5x faster than Orthanc (seconds ratio <= 0.67)",
     "memory": "1 GiB instance routed end to end with intu serve peak RSS <= 256 MiB",
     "idle": "intu serve idle with listeners open <= 2 % of one core",
 }
@@ -31,10 +34,12 @@ def evaluate_targets(results: dict[str, Any]) -> dict[str, Any]:
     t: dict[str, Any] = {}
     send = results.get("send", {})
     r = (send.get("ratio_vs_storescu") or {}).get("intu")
-    t["send"] = {"target": TARGETS["send"], "value": r, "met": (r >= 0.5) if r is not None else None}
-    route = results.get("route", {})
-    r = (route.get("ratios") or {}).get("intu_over_orthanc_seconds")
-    t["route"] = {"target": TARGETS["route"], "value": r, "met": (r <= 1.0) if r is not None else None}
+    t["send"] = {"target": TARGETS["send"], "value": r, "met": (r >= 1.0) if r is not None else None}
+    ratios = results.get("route", {}).get("ratios") or {}
+    ways = ("intu_over_orthanc_seconds", "intu_proc_over_orthanc_seconds")
+    measured = [ratios[way] for way in ways if ratios.get(way)]
+    r = min(measured) if measured else None
+    t["route"] = {"target": TARGETS["route"], "value": r, "met": (r <= 0.67) if r is not None else None}
     mem = results.get("memory", {})
     v = mem.get("peak_rss_mib")
     t["memory"] = {"target": TARGETS["memory"], "value": v, "met": (v <= 256) if v is not None else None}
