@@ -96,6 +96,35 @@ def test_an_operators_long_read_does_not_hold_up_the_engines_reads(store: Sqlite
     assert answers == [3, True, 3]
 
 
+def test_a_store_that_is_closing_answers_no_more_reads(tmp_path: Path) -> None:
+    """``close`` waits for an operator's read in progress; meanwhile the engine's reads fail as
+    on a closed store, and are never run on the writing connection, which is still open."""
+    store = SqliteQueueStore(tmp_path / "data")
+    store.enqueue([("q", msg())])
+    closer = threading.Thread(target=store.close)
+    with store._read(store._operator_reads) as c:
+        assert c.execute("SELECT count(*) FROM entries").fetchone()[0] == 1
+        closer.start()
+        wait_for(lambda: store._closed)
+        with pytest.raises(sqlite3.ProgrammingError):
+            store.size("q")
+    closer.join(30)
+    assert not closer.is_alive()
+    with pytest.raises(sqlite3.ProgrammingError):
+        store.find_messages(MessageQuery())
+
+
+def test_a_read_that_fails_leaves_its_connection_ready_for_the_next(store: SqliteQueueStore) -> None:
+    store.enqueue([("q", msg())])
+    with pytest.raises(QueueUnavailable, match="no such column"), store._read() as c:
+        c.execute("SELECT count(*) FROM entries").fetchone()
+        c.execute("SELECT no_such_column FROM entries")
+    with store._read() as c:  # a fresh block on the same connection
+        assert c.execute("SELECT count(*) FROM entries").fetchone()[0] == 1
+    store.enqueue([("q", msg(1))])
+    assert store.size("q") == 2  # and sees what was committed since
+
+
 def test_the_counts_are_read_from_one_snapshot(store: SqliteQueueStore) -> None:
     """``stats`` reads the entries and the counters in two statements: a delivery committed
     between them must not be seen by the second only (the entry counted twice, in flight and

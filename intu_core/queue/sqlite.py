@@ -112,7 +112,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -454,15 +454,20 @@ class SqliteQueueStore:
         """A reading connection: the engine's (by default) or ``self._operator_reads``. The
         statements run inside the block see one snapshot of the database."""
         with _unavailable(self.path), (reads or self._engine_reads).connection() as conn:
-            if conn is None:  # closed: raise as any use of a closed store does
-                yield self._conn
-                return
+            if conn is None:  # the store is closed, or closing: as any use of a closed one
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            if conn.in_transaction:  # left open by a block that failed to end it
+                conn.execute("ROLLBACK")
             conn.execute("BEGIN")  # (deferred: a read transaction from the first statement on)
             try:
                 yield conn
-            finally:
-                if conn.in_transaction:  # (an error may have ended it)
-                    conn.execute("COMMIT")
+            except BaseException:
+                with suppress(sqlite3.Error):  # the block's error is the one to see
+                    conn.execute("ROLLBACK")
+                raise
+            # (Each method reads its rows to the end: a cursor left unfinished would keep its
+            # snapshot past the COMMIT, and the next block on this connection would see it.)
+            conn.execute("COMMIT")
 
     # -- writing ---------------------------------------------------------------------------
     def enqueue(
