@@ -251,8 +251,9 @@ def exit_at_once() -> None:
     file, non-daemon thread or unfinished child process behind: ``atexit`` handlers still run,
     but objects' finalizers (``__del__``, weakref callbacks) do not, nor do daemon threads get
     to finish; where a non-daemon thread is alive or the output cannot be flushed, the process
-    ends as usual. Only ``main`` acts on it: a command run by click's test runner is not
-    affected."""
+    ends as usual, as it does under a profiler, a debugger, coverage or ``python -i``. Only
+    ``main`` (the console script) acts on it: a command run by click's test runner, or by a
+    program that calls ``cli`` itself, is not affected."""
     global _exit_at_once
     _exit_at_once = True
 
@@ -276,6 +277,8 @@ def _end_now(code: object) -> None:
         code = 0
     if not isinstance(code, int) or not 0 <= code <= 255:  # Python prints a message, or wraps
         return
+    if sys.getprofile() or sys.gettrace() or sys.flags.interactive:
+        return  # a profiler, a debugger, coverage or `python -i` acts after the command
     main_thread = threading.main_thread()
     if any(t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()):
         return  # the interpreter would wait for it

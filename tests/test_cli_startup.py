@@ -96,7 +96,7 @@ def test_a_non_daemon_thread_still_alive_means_the_usual_exit() -> None:
 
 
 def test_a_usage_error_ends_the_usual_way_when_no_command_asked_to_end_at_once() -> None:
-    res = _python(PROBE.replace("c.exit_at_once()", "pass"), "--code", "nan")
+    res = _python(PROBE, "--code", "nan")  # refused before the command's body asks
     assert res.returncode == 2
     assert "Invalid value for '--code'" in res.stderr
     assert "teardown" in res.stderr
@@ -172,3 +172,13 @@ def test_output_that_cannot_be_flushed_ends_as_it_would_without_exit_at_once() -
     at_once, usual = run(PROBE), run(PROBE.replace("c.exit_at_once()", "pass"))
     assert "BrokenPipeError" in at_once[1]
     assert at_once == (usual[0], usual[1].replace("teardown\n", ""))
+
+
+def test_under_a_profiler_or_tracer_the_exit_is_the_usual_one() -> None:
+    # `python -m cProfile -m intu_core ...` prints its profile once main() has raised SystemExit.
+    for hook in ("sys.setprofile(lambda *a: None)", "sys.settrace(lambda *a: None)", "pass"):
+        probe = PROBE.replace("c.main()", f"{hook}\ntry:\n    c.main()\nfinally:\n    print('after main')")
+        res = _python(probe, "--code", "6")
+        assert res.returncode == 6, (hook, res.stderr)
+        after = "to stdout\nafter main\natexit ran\n"
+        assert res.stdout == (after if hook != "pass" else "to stdout\natexit ran\n"), hook
