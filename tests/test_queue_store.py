@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from intu_core.message import AcceptanceStatus, Message, SendResult
 from intu_core.queue import EntryState, QueueDamaged, QueueNotFound, QueueStore, QueueUnavailable
 from intu_core.queue import sqlite as sqlite_backend
 from intu_core.queue.opener import open_queue
-from intu_core.queue.sqlite import DB_NAME, SCHEMA_VERSION, SqliteQueueStore, SqliteSettings
+from intu_core.queue.sqlite import DB_NAME, SCHEMA_VERSION, WRITE_LOCK_NAME, SqliteQueueStore, SqliteSettings
 from intu_core.testing import engine_deliver, manual_source, registry_with, running_engine
 from intu_core.testing.queue_contract import QueueContract, msg
 
@@ -703,6 +705,85 @@ def test_opening_the_queue_does_not_write(tmp_path: Path) -> None:
     finally:
         engine.execute("ROLLBACK")
         engine.close()
+
+
+# -- writers in other processes ------------------------------------------------------------------
+# Another process (the delivery process, an `intu queue` command) taking its turn to write: it
+# holds the turn's lock until told to let go on stdin, and leaves a mark just before it does.
+_TURN_HOLDER = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("holding", flush=True)
+sys.stdin.readline()
+open(sys.argv[2], "w").close()
+os.close(fd)
+"""
+
+
+def _hold_the_turn(data_dir: Path) -> subprocess.Popen[str]:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _TURN_HOLDER, str(data_dir / WRITE_LOCK_NAME), str(data_dir / "let-go")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+    return holder
+
+
+def _let_go(holder: subprocess.Popen[str]) -> None:
+    assert holder.stdin is not None
+    holder.stdin.write("go\n")
+    holder.stdin.close()
+    assert holder.wait(10) == 0
+
+
+def test_a_write_waits_while_another_process_writes_and_goes_once_it_is_done(tmp_path: Path) -> None:
+    with SqliteQueueStore(tmp_path) as store:
+        holder = _hold_the_turn(tmp_path)
+        done = threading.Event()
+        failed: list[BaseException] = []
+
+        def enqueue() -> None:
+            try:
+                store.enqueue([("pacs", msg(1))])
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertions below
+                failed.append(exc)
+            done.set()
+
+        writer = threading.Thread(target=enqueue)
+        try:
+            writer.start()
+            assert not done.wait(0.3), "the enqueue waited for the other process's turn"
+            assert store.size("pacs") == 0
+        finally:
+            _let_go(holder)
+            writer.join(10)
+        assert failed == []
+        assert (tmp_path / "let-go").exists(), "written after the other process let go, not before"
+        assert store.size("pacs") == 1
+
+
+def test_a_write_gives_up_after_the_busy_timeout_when_another_process_keeps_writing(tmp_path: Path) -> None:
+    with SqliteQueueStore(tmp_path, busy_timeout_ms=200) as store:
+        holder = _hold_the_turn(tmp_path)
+        try:
+            with pytest.raises(QueueUnavailable, match="busy_timeout_ms"):
+                store.enqueue([("pacs", msg(2))])
+            assert store.size("pacs") == 0, "nothing written"
+        finally:
+            _let_go(holder)
+        store.enqueue([("pacs", msg(3))])
+        assert store.size("pacs") == 1
+
+
+def test_writes_go_through_when_the_lock_file_cannot_be_made(tmp_path: Path) -> None:
+    """SQLite's own wait is then all there is (as before the lock file)."""
+    (tmp_path / WRITE_LOCK_NAME).mkdir()  # cannot be opened as a file
+    with SqliteQueueStore(tmp_path) as store:
+        store.enqueue([("pacs", msg(4))])
+        assert store.size("pacs") == 1
 
 
 # -- registration, settings and the opener ----------------------------------------------------
