@@ -99,8 +99,11 @@ matches walks the index on reception time through the whole table: 0.3 s for a m
 in the page cache, 2.2 s from a cold disk (measured 2026-12-03), and behind the writers' lock
 every C-STORE's answer, which waits for its enqueue, would have waited for the dashboard's
 search. For the same reason the engine's own reads (the queue depth its admission checks, when
-the next entry is due, the counts `/readyz` reads, the start-up sweep) have one connection and
-an operator's (searches, journeys, listings, one entry) another: a search never delays them.
+the next entry is due, the start-up sweep) have one connection, an operator's (searches,
+journeys, listings, one entry) another, and the counts (``stats``: the dashboard every 2 s, each
+`/metrics` scrape, `/readyz`) a third: a search never delays the engine's reads or the health
+checks, and the counts, a scan of every entry (22 ms for 100,000 pending, measured 2026-12-04),
+never delay admission.
 """
 
 from __future__ import annotations
@@ -370,6 +373,7 @@ class SqliteQueueStore:
         # The engine's reads and an operator's, each on a connection of its own (module docstring).
         self._engine_reads = _Reader(self.path, busy_timeout_ms)
         self._operator_reads = _Reader(self.path, busy_timeout_ms)
+        self._count_reads = _Reader(self.path, busy_timeout_ms)
         self._busy_timeout_ms = busy_timeout_ms
         self.wal_path = self.path.with_name(DB_NAME + "-wal")
         # Opened by path at each run: SQLite keeps the same file while any connection is open.
@@ -524,7 +528,7 @@ class SqliteQueueStore:
 
     @contextmanager
     def _read(self, reads: _Reader | None = None) -> Iterator[sqlite3.Connection]:
-        """A reading connection: the engine's (by default) or ``self._operator_reads``. The
+        """A reading connection: the engine's (by default), the operator's or the counts'. The
         statements run inside the block see one snapshot of the database."""
         with _unavailable(self.path), (reads or self._engine_reads).connection() as conn:
             if conn is None:  # the store is closed, or closing: as any use of a closed one
@@ -904,7 +908,7 @@ class SqliteQueueStore:
 
     def stats(self) -> list[QueueStats]:
         now = time.time()
-        with self._read() as conn:
+        with self._read(self._count_reads) as conn:
             groups = conn.execute(
                 "SELECT queue, state, count(*) AS n, min(created_at) AS oldest FROM entries"
                 " GROUP BY queue, state"
@@ -1045,6 +1049,7 @@ class SqliteQueueStore:
                 self._closed = True
                 self._engine_reads.close()  # (before the writer: the last to close checkpoints)
                 self._operator_reads.close()
+                self._count_reads.close()
                 self._conn.close()
                 self._turns.close()
 
