@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -743,27 +745,48 @@ os.close(fd)
 """
 
 
-def _hold_the_turn(data_dir: Path) -> subprocess.Popen[str]:
+@contextmanager
+def _turn_held_by_another_process(data_dir: Path) -> Iterator[Callable[[], None]]:
+    """Yields ``let_go``; the process is killed on the way out whatever happened."""
     holder = subprocess.Popen(
         [sys.executable, "-c", _TURN_HOLDER, str(data_dir / WRITE_LOCK_NAME), str(data_dir / "let-go")],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
-    return holder
+    assert holder.stdin is not None and holder.stdout is not None
+
+    def let_go() -> None:
+        assert holder.stdin is not None
+        holder.stdin.write("go\n")
+        holder.stdin.close()
+        assert holder.wait(10) == 0
+
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        yield let_go
+    finally:
+        holder.kill()
+        holder.wait(10)
+        holder.stdout.close()
+        if not holder.stdin.closed:
+            holder.stdin.close()
 
 
-def _let_go(holder: subprocess.Popen[str]) -> None:
-    assert holder.stdin is not None
-    holder.stdin.write("go\n")
-    holder.stdin.close()
-    assert holder.wait(10) == 0
+def _turn_is_free(data_dir: Path) -> bool:
+    """Another process can take the turn at once."""
+    probe = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR);"
+        " fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    )
+    return (
+        subprocess.run([sys.executable, "-c", probe, str(data_dir / WRITE_LOCK_NAME)], check=False).returncode
+        == 0
+    )
 
 
 def test_a_write_waits_while_another_process_writes_and_goes_once_it_is_done(tmp_path: Path) -> None:
-    with SqliteQueueStore(tmp_path) as store:
-        holder = _hold_the_turn(tmp_path)
+    with SqliteQueueStore(tmp_path) as store, _turn_held_by_another_process(tmp_path) as let_go:
         done = threading.Event()
         failed: list[BaseException] = []
 
@@ -775,13 +798,14 @@ def test_a_write_waits_while_another_process_writes_and_goes_once_it_is_done(tmp
             done.set()
 
         writer = threading.Thread(target=enqueue)
+        writer.start()
         try:
-            writer.start()
             assert not done.wait(0.3), "the enqueue waited for the other process's turn"
             assert store.size("pacs") == 0
+            let_go()
         finally:
-            _let_go(holder)
-            writer.join(10)
+            writer.join(40)  # (at most the busy timeout, should letting go have failed)
+        assert not writer.is_alive()
         assert failed == []
         assert (tmp_path / "let-go").exists(), "written after the other process let go, not before"
         assert store.size("pacs") == 1
@@ -789,23 +813,87 @@ def test_a_write_waits_while_another_process_writes_and_goes_once_it_is_done(tmp
 
 def test_a_write_gives_up_after_the_busy_timeout_when_another_process_keeps_writing(tmp_path: Path) -> None:
     with SqliteQueueStore(tmp_path, busy_timeout_ms=200) as store:
-        holder = _hold_the_turn(tmp_path)
-        try:
+        with _turn_held_by_another_process(tmp_path) as let_go:
             with pytest.raises(QueueUnavailable, match="busy_timeout_ms"):
                 store.enqueue([("pacs", msg(2))])
             assert store.size("pacs") == 0, "nothing written"
-        finally:
-            _let_go(holder)
+            let_go()
         store.enqueue([("pacs", msg(3))])
         assert store.size("pacs") == 1
 
 
-def test_writes_go_through_when_the_lock_file_cannot_be_made(tmp_path: Path) -> None:
-    """SQLite's own wait is then all there is (as before the lock file)."""
+def test_the_turn_is_given_back_after_a_write_that_fails(store: SqliteQueueStore) -> None:
+    store.enqueue([("pacs", msg(1))])
+    with pytest.raises(ValueError, match="in the middle"), store._write() as conn:
+        conn.execute("DELETE FROM entries")
+        assert not _turn_is_free(store.data_dir)  # held while the transaction runs
+        raise ValueError("in the middle")
+    assert _turn_is_free(store.data_dir)
+    assert store.size("pacs") == 1, "rolled back"
+
+
+# Another intu process writing to the same queue as fast as it can (the delivery process, say).
+_WRITER = r"""
+import sys
+from pathlib import Path
+from intu_core.queue.sqlite import SqliteQueueStore
+from intu_core.testing.queue_contract import msg
+with SqliteQueueStore(Path(sys.argv[1])) as store:
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for n in range(int(sys.argv[2])):
+        store.enqueue([("other", msg(n))])
+"""
+
+
+def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
+    count = 200
+    with SqliteQueueStore(tmp_path) as store:
+        other = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(tmp_path), str(count)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert other.stdin is not None and other.stdout is not None
+            assert other.stdout.readline() == "ready\n"
+            other.stdin.write("go\n")
+            other.stdin.close()
+            for n in range(count):
+                store.enqueue([("here", msg(n))])
+            assert other.wait(60) == 0
+        finally:
+            other.kill()
+            other.wait(10)
+            if other.stdout is not None:
+                other.stdout.close()
+        assert (store.size("here"), store.size("other")) == (count, count)
+
+
+def test_writes_go_through_when_the_lock_file_cannot_be_made(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite's own wait is then all there is (as before the lock file), and a warning says so once."""
     (tmp_path / WRITE_LOCK_NAME).mkdir()  # cannot be opened as a file
     with SqliteQueueStore(tmp_path) as store:
         store.enqueue([("pacs", msg(4))])
-        assert store.size("pacs") == 1
+        store.enqueue([("pacs", msg(5))])
+        assert store.size("pacs") == 2
+    warnings = [r.getMessage() for r in caplog.records if "write lock" in r.getMessage()]
+    assert len(warnings) == 1 and "as SQLite does" in warnings[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can create a file another user owns")
+def test_a_lock_file_root_creates_belongs_to_the_queues_owner(tmp_path: Path) -> None:
+    """`sudo intu queue retry` before the engine's first write: the service user can still open
+    the lock file (SQLite gives its -wal and -shm files to the database's owner the same way)."""
+    SqliteQueueStore(tmp_path).close()
+    os.chown(tmp_path / DB_NAME, 4242, 4343)  # the service user's, say
+    with SqliteQueueStore(tmp_path) as store:
+        store.enqueue([("pacs", msg())])
+    lock = (tmp_path / WRITE_LOCK_NAME).stat()
+    assert (lock.st_uid, lock.st_gid) == (4242, 4343)
 
 
 # -- registration, settings and the opener ----------------------------------------------------

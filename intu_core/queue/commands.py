@@ -2,8 +2,9 @@
 and ``recover`` the received files kept in quarantine.
 
 The commands open the project's queue with ``open_queue``, as the engine does, whatever its
-backend; with SQLite that is a second connection to the database, whose busy timeout makes them
-wait for the engine's short transactions (and the engine for theirs). Looking (``list``, ``show``)
+backend; with SQLite that is a second connection to the database, and they take turns with the
+engine to write (``queue.db-write-lock``; each waits at most the busy timeout for the other's short
+transactions). Looking (``list``, ``show``)
 creates and writes nothing. A running engine picks up entries put back by ``intu queue retry``
 within a few seconds.
 

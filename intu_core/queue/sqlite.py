@@ -91,8 +91,9 @@ waiting on another's write lock sleeps in its busy handler, whereas a Python loc
 once. A claim is committed without an fsync (see ``claim``): that alone took end-to-end throughput
 from ~1,300/s to ~1,450/s. A second process (``intu queue ...`` while ``intu serve`` runs) is a
 second connection, and so is the delivery process: intu's processes take turns to write through a
-lock of their own (``_WriteTurns``), handed over as soon as a transaction ends, where SQLite's busy
-handler would sleep 1 ms or more; ``busy_timeout`` bounds the wait either way.
+lock of their own (``_WriteTurns``), which a waiter takes within 50 us to 1 ms of a transaction's
+end, where SQLite's busy handler would sleep 1 ms, 2 ms, 5 ms and on; ``busy_timeout`` bounds each
+wait (the turn, then SQLite's own lock if a writer outside intu, the ``sqlite3`` shell, holds it).
 Reads have connections and locks of their own, opened on first use: in WAL mode readers and the
 writer work at once, so a long read does not hold up a write. A history search that finds few
 matches walks the index on reception time through the whole table: 0.3 s for a million records
@@ -295,17 +296,21 @@ class _WriteTurns:
     ~1.3 ms each time (measured 2026-12-04). Here a waiter tries again after 50 us, doubling to
     1 ms, for at most the busy timeout, as SQLite would. SQLite's own locks (POSIX locks on
     ``queue.db``) are not touched: another writer (the ``sqlite3`` shell) is waited for as before.
-    Where the lock file cannot be created (a full disk, a read-only data folder) SQLite's wait is
-    all there is, as before."""
+    Created by root (an ``intu queue`` command run with sudo), the file is given to the owner of
+    ``queue.db``, as SQLite does with its ``-wal`` and ``-shm`` files, so that the service user can
+    open it. Where it cannot be opened (a full disk, a read-only data folder) SQLite's wait is all
+    there is, as before, and a warning says so once."""
 
     _FIRST_PAUSE_S = 50e-6
     _LONGEST_PAUSE_S = 1e-3
 
-    def __init__(self, path: Path, timeout_s: float) -> None:
+    def __init__(self, path: Path, timeout_s: float, *, owner_of: Path) -> None:
         self.path = path
         self._timeout_s = timeout_s
+        self._owner_of = owner_of
         self._fd = -1  # opened at the first write (and at each next one while it cannot be)
         self._closed = False
+        self._warned = False
 
     def acquire(self) -> None:
         """Wait for the turn (``QueueUnavailable`` after the busy timeout)."""
@@ -333,10 +338,24 @@ class _WriteTurns:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _open(self) -> int:
-        if self._fd < 0 and not self._closed:
+        if self._fd >= 0 or self._closed:
+            return self._fd
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "cannot open the queue's write lock %s (%s): writes wait for other processes'"
+                    " as SQLite does (1 ms or more each time)", self.path, exc.strerror or exc,
+                )  # fmt: skip
+            return -1
+        if os.geteuid() == 0:
             with suppress(OSError):
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        return self._fd
+                owner = os.stat(self._owner_of)
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+        self._fd = fd
+        return fd
 
     def close(self) -> None:
         self._closed = True
@@ -369,7 +388,7 @@ class SqliteQueueStore:
         self.path = self.data_dir / DB_NAME
         self.paths = DataPaths(self.data_dir)
         self._lock = threading.Lock()  # the writing connection's
-        self._turns = _WriteTurns(self.data_dir / WRITE_LOCK_NAME, busy_timeout_ms / 1000)
+        self._turns = _WriteTurns(self.data_dir / WRITE_LOCK_NAME, busy_timeout_ms / 1000, owner_of=self.path)
         # The engine's reads and an operator's, each on a connection of its own (module docstring).
         self._engine_reads = _Reader(self.path, busy_timeout_ms)
         self._operator_reads = _Reader(self.path, busy_timeout_ms)
@@ -392,6 +411,7 @@ class SqliteQueueStore:
                 self.node_id = node_id or self._stored_node_id()
             except BaseException:
                 self._conn.close()
+                self._turns.close()
                 raise
         self._reserve: DiskReserve | None = None
         if reserve_bytes:
@@ -447,8 +467,8 @@ class SqliteQueueStore:
                 # Nothing to write: opening an existing queue must work on a full disk (that is
                 # when an operator runs `intu queue list`) and not wait for the engine's write lock.
                 return
-            self._turns.acquire()
             try:
+                self._turns.acquire()  # (in the try: released even if interrupted right after)
                 self._conn.execute("BEGIN IMMEDIATE")
                 # Another process may have upgraded it while we waited for the write lock.
                 version = self._conn.execute("PRAGMA user_version").fetchone()[0]
@@ -489,8 +509,8 @@ class SqliteQueueStore:
         with self._lock, _unavailable(self.path):
             conn = self._conn
             before = conn.total_changes
-            self._turns.acquire()
             try:
+                self._turns.acquire()  # (in the try: released even if interrupted right after)
                 conn.execute("BEGIN IMMEDIATE")
                 yield conn
                 conn.execute("COMMIT")
@@ -1065,8 +1085,8 @@ class SqliteQueueStore:
 class SqliteSettings:
     """The ``queue:`` block of ``intu.yaml`` for ``backend: sqlite``."""
 
-    # How long a statement waits for another connection's write (``intu queue`` while the engine
-    # runs, or the other way round) before the queue counts as unavailable.
+    # How long a write waits for another process's (``intu queue`` while the engine runs, the
+    # delivery process, or the other way round) before the queue counts as unavailable.
     busy_timeout_ms: int = 30_000
     # The disk reserve the engine keeps in the data folder (intu_core.queue.reserve); 0: none.
     reserve_mb: int = 16
