@@ -458,11 +458,13 @@ class Guard:
                 pass
         for path in conn.temp_files:  # before it is forgotten: a connection gone is cleaned up
             path.unlink(missing_ok=True)  # pynetdicom removes a handled one; the rest are partial
+        # Reported before it is forgotten: whoever sees it gone from open_connections() finds its
+        # line in the log (a CI run read the log in between and found nothing).
+        self._report(conn)
         with self._lock:
             self._connections.pop(id(conn.sock), None)
         with _by_assoc_lock:
             _by_assoc.pop(conn.assoc, None)
-        self._report(conn)
 
     def _report(self, conn: Connection) -> None:
         assoc = conn.assoc
