@@ -460,6 +460,36 @@ def test_p_data_pdu_larger_than_negotiated_aborts(
     assert engine.messages == []
 
 
+def test_a_connections_end_is_logged_before_it_is_forgotten(
+    intu: Callable[..., DicomSource], engine: RecordingEngine
+) -> None:
+    """Whoever sees a connection gone from the guard (a test, the dashboard) finds its line in the
+    log: the line is written while the connection is still registered."""
+    src = intu()
+    assert src._guard is not None
+    guard = src._guard
+    still_registered: list[int] = []
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "ended:" in record.getMessage():
+                still_registered.append(len(guard.open_connections()))
+
+    watch = Watch()
+    logging.getLogger("test.hostile").addHandler(watch)
+    try:
+        s = associate(src.port, contexts=((CTImageStorage, (ExplicitVRLittleEndian,)),))
+        try:
+            s.sendall(struct.pack(">BBL", 0x04, 0, 33 * 1024 * 1024) + b"\x00" * 4096)
+            assert closed_within(s, 10)
+        finally:
+            s.close()
+        assert _connections_gone(src)
+    finally:
+        logging.getLogger("test.hostile").removeHandler(watch)
+    assert still_registered == [1]
+
+
 # -- 2. stop always stops --------------------------------------------------------------------------
 
 
