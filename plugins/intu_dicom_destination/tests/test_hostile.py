@@ -490,6 +490,31 @@ def test_a_connections_end_is_logged_before_it_is_forgotten(
     assert still_registered == [1]
 
 
+def test_a_connection_never_bound_to_an_association_is_logged_and_forgotten(
+    intu: Callable[..., DicomSource], caplog: Any
+) -> None:
+    """A connection the guard registered but pynetdicom never got (its thread stuck before the
+    association was made) is closed by the supervisor past the request deadline, and the operator
+    sees a line for it, as for every other connection that ends."""
+    src = intu(association_request_timeout_ms=1000)
+    guard = src._guard
+    assert guard is not None
+    ours, theirs = socket.socketpair()
+    try:
+        conn = guard.open(ours, ("127.0.0.9", 4242))
+        assert conn is not None and conn.assoc is None
+        conn.opened -= 60  # as if it had been waiting a minute
+        with caplog.at_level(logging.WARNING, logger="test.hostile"):
+            guard.sweep()
+        assert conn not in guard.open_connections()
+        assert theirs.recv(1) == b""  # its socket was shut
+        lines = [r.getMessage() for r in caplog.records if "127.0.0.9:4242" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].endswith("ended: no association set up"), caplog.text
+    finally:
+        ours.close()
+        theirs.close()
+
+
 # -- 2. stop always stops --------------------------------------------------------------------------
 
 

@@ -359,11 +359,21 @@ def test_tls_key_not_matching_the_certificate_fails_start_clearly(
 
 
 def test_tls_client_without_certificate_is_refused(
-    source: Any, engine: RecordingEngine, pki: dict[str, Path]
+    source: Any, engine: RecordingEngine, pki: dict[str, Path], caplog: Any
 ) -> None:
     src = source(tls=_tls_settings(pki, require_client_cert=True))
-    assoc = associate(src, tls_args=(_client_context(pki, with_cert=False), "localhost"))
-    assert not assoc.is_established
+    with caplog.at_level(logging.WARNING, logger="test.dicom.source"):
+        assoc = associate(src, tls_args=(_client_context(pki, with_cert=False), "localhost"))
+        assert not assoc.is_established
+        # The operator sees who was refused and why, once the connection is gone.
+        guard = src._guard
+        assert guard is not None
+        deadline = time.monotonic() + 10
+        while guard.open_connections() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert guard.open_connections() == []
+    refused = [r.getMessage() for r in caplog.records if "TLS handshake failed" in r.getMessage()]
+    assert len(refused) == 1 and "connection from 127.0.0.1:" in refused[0], caplog.text
     # A plain TCP client gets nowhere either.
     plain = associate(src)
     assert not plain.is_established

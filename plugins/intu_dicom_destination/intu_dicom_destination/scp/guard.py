@@ -351,10 +351,11 @@ class Guard:
             return self._connections.get(id(sock))
 
     def drop(self, conn: Connection) -> None:
-        """Forget a connection that never got an association (refused, failed TLS handshake)."""
+        """Forget a connection that never got an association (refused, failed TLS handshake,
+        never bound); reported first, as ``_finish`` does."""
+        self._report(conn)
         with self._lock:
             self._connections.pop(id(conn.sock), None)
-        self._report(conn)
 
     def bind(self, conn: Connection, assoc: Any) -> None:
         """Attach pynetdicom's association to ``conn``: guarded socket I/O while pynetdicom
@@ -430,8 +431,7 @@ class Guard:
             if assoc is None:  # TLS handshake in progress: its own socket timeout bounds it
                 if now - conn.opened > request_timeout + 10:  # never bound: forget it
                     conn.close("no association set up")
-                    with self._lock:
-                        self._connections.pop(id(conn.sock), None)
+                    self.drop(conn)
                 continue
             if not conn.requested:
                 if now - conn.opened > request_timeout:
