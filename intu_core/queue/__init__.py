@@ -193,7 +193,8 @@ class QueueStore(Protocol):
         ...
 
     def journey(self, message_id: str) -> Journey | None:
-        """The record of ``message_id``, its events and its entries still queued; None if unknown."""
+        """The record of ``message_id``, its events and its entries still queued; None if unknown.
+        All three as of one moment: a delivery committed meanwhile is in all of them or in none."""
         ...
 
     def expire_history(self, older_than: float) -> int:
@@ -247,7 +248,8 @@ class QueueStore(Protocol):
         ...
 
     def stats(self) -> list[QueueStats]:
-        """One ``QueueStats`` per known queue, sorted by name."""
+        """One ``QueueStats`` per known queue, sorted by name, as of one moment: an entry delivered
+        meanwhile is counted once, in flight or delivered."""
         ...
 
     def get(self, entry_id: str) -> Entry | None: ...

@@ -69,11 +69,15 @@ class Connections:
         self._size = size
         self._closed = False
 
-    def run(self, work: Callable[[Connection], T], *, durable: bool = True) -> T:
+    def run(self, work: Callable[[Connection], T], *, durable: bool = True, snapshot: bool = False) -> T:
         """``work(conn)`` in one transaction, committed on return; run again after a deadlock.
 
         ``durable=False`` commits without waiting for the WAL flush (a claim or a lease renewal:
         losing one on a crash leaves the entry to ``recover``, as the SQLite backend does).
+        ``snapshot=True``: a read whose statements must agree (counts over two tables, a record
+        with its events); under READ COMMITTED each statement would see the commits made since
+        the one before it. REPEATABLE READ READ ONLY gives them one snapshot; a read-only
+        transaction is never rolled back for a serialization failure.
         """
         if not self._slots.acquire(timeout=self.connect_timeout_s):
             raise QueueUnavailable(
@@ -84,6 +88,8 @@ class Connections:
                 conn = self._take()
                 try:
                     with conn.transaction():
+                        if snapshot:
+                            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                         if not durable:
                             conn.execute("SET LOCAL synchronous_commit = off")
                         result = work(conn)

@@ -460,7 +460,7 @@ class PostgresQueueStore:
             ).fetchall()
             return groups, counters
 
-        groups, counters = self._db.run(work)
+        groups, counters = self._db.run(work, snapshot=True)
         acc: dict[str, dict[str, Any]] = {}
         for row in groups:
             item = acc.setdefault(row["queue"], {})
@@ -512,7 +512,7 @@ class PostgresQueueStore:
 
     def journey(self, message_id: str) -> Journey | None:
         """The record of ``message_id``, its events oldest first, and its entries still queued."""
-        return self._db.run(lambda conn: history.journey(conn, self._schema, message_id))
+        return self._db.run(lambda conn: history.journey(conn, self._schema, message_id), snapshot=True)
 
     def expire_history(self, older_than: float) -> int:
         """Delete records last updated before ``older_than`` whose message has no entry left, with

@@ -25,11 +25,11 @@ from psycopg.rows import dict_row
 
 from intu_core.config.problems import ConfigError
 from intu_core.config.project import load_project
-from intu_core.history import PROBLEM_STATUSES, MessageQuery
+from intu_core.history import PROBLEM_STATUSES, EventKind, MessageQuery
 from intu_core.message import SendResult
 from intu_core.queue import QueueNotFound, QueueRuntime, QueueStore, QueueUnavailable
 from intu_core.testing import registry_with
-from intu_core.testing.queue_contract import QueueContract, make_file, msg
+from intu_core.testing.queue_contract import QueueContract, make_file, msg, study_msg
 
 
 class TestPostgresQueueStore(QueueContract):
@@ -237,6 +237,86 @@ def test_delivered_counts_add_up_over_nodes(pg_dsn: str, pg_schema: str) -> None
     assert stats.delivered == 4 and stats.depth == 0
     a.close()
     b.close()
+
+
+class _DeliverBefore:
+    """A connection that lets ``deliver`` commit (on another connection) right before the first
+    statement naming ``table``: a delivery made between two statements of one read."""
+
+    def __init__(self, conn: Any, table: str, deliver: Any) -> None:
+        self._conn, self._table, self._deliver = conn, table, deliver
+
+    def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if f".{self._table} " in f"{query} " and self._deliver is not None:
+            deliver, self._deliver = self._deliver, None
+            deliver()
+        return self._conn.execute(query, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def _deliver_between_statements(
+    monkeypatch: pytest.MonkeyPatch, store: PostgresQueueStore, table: str, entry_id: str
+) -> list[bool]:
+    """The store's next read sees ``entry_id`` delivered right before it reads ``table``."""
+    run = store._db.run
+    delivered: list[bool] = []
+    started: list[bool] = []
+
+    def deliver() -> None:
+        started.append(True)
+        delivered.append(store.complete(entry_id, SendResult.success()))
+
+    def traced(work: Any, **kwargs: Any) -> Any:
+        if started:  # the delivery itself and anything after: as they are
+            return run(work, **kwargs)
+        return run(lambda conn: work(_DeliverBefore(conn, table, deliver)), **kwargs)
+
+    monkeypatch.setattr(store._db, "run", traced)
+    return delivered
+
+
+def test_the_counts_are_read_from_one_snapshot(
+    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stats`` reads the entries and the counters in two statements: a delivery committed
+    between them must not be seen by the second only (the entry counted twice, in flight and
+    delivered), as on SQLite."""
+    store = PostgresQueueStore(pg_dsn, schema=pg_schema, node_id="node-a")
+    try:
+        [entry_id] = store.enqueue([("q", msg())])
+        assert store.claim("q") is not None
+        delivered = _deliver_between_statements(monkeypatch, store, "counters", entry_id)
+        [stats] = store.stats()
+        assert delivered == [True]  # the delivery did commit in between
+        assert (stats.in_flight, stats.delivered) == (1, 0)  # the state before it, whole
+        [stats] = store.stats()
+        assert (stats.in_flight, stats.delivered) == (0, 1)
+    finally:
+        store.close()
+
+
+def test_a_journey_is_read_from_one_snapshot(
+    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``journey`` reads the record, then its events, then its entries: a delivery committed in
+    between must not show a record still queued with a delivered event and no entry left."""
+    store = PostgresQueueStore(pg_dsn, schema=pg_schema, node_id="node-a")
+    try:
+        message = study_msg("ACC-1")
+        [entry_id] = store.enqueue([("q", message)])
+        assert store.claim("q") is not None
+        delivered = _deliver_between_statements(monkeypatch, store, "events", entry_id)
+        journey = store.journey(message.id)
+        assert delivered == [True] and journey is not None
+        assert EventKind.DELIVERED not in [e.kind for e in journey.events]
+        assert journey.entries == (entry_id,) and journey.message.status != "delivered"
+        after = store.journey(message.id)
+        assert after is not None and after.message.status == "delivered"
+        assert EventKind.DELIVERED in [e.kind for e in after.events] and after.entries == ()
+    finally:
+        store.close()
 
 
 def _closed_port() -> int:
