@@ -453,6 +453,13 @@ def register_server(ae: Any, server: Any) -> None:
     ae._servers.append(server)
 
 
+def forget_server(ae: Any, server: Any) -> None:
+    """Remove a server from ``ae``'s list, as pynetdicom's ``shutdown`` does (``GuardedServer``
+    has a shutdown of its own)."""
+    if server in ae._servers:
+        ae._servers.remove(server)
+
+
 def reject_for_limit(assoc: Any) -> None:
     """Answer the A-ASSOCIATE-RQ of ``assoc`` (from an EVT_REQUESTED handler) with A-ASSOCIATE-RJ
     rejected-transient, service-provider (presentation), local-limit-exceeded: what pynetdicom's

@@ -490,6 +490,45 @@ def test_a_connections_end_is_logged_before_it_is_forgotten(
     assert still_registered == [1]
 
 
+def test_an_idle_source_does_not_wake_on_timers(
+    intu: Callable[..., DicomSource], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no connection the guard's supervisor does not sweep (it did five times a second) and
+    the accept loop does not poll (twice a second); the first connection wakes both: a silent one
+    is still closed at the request deadline, and stopping still ends the loop at once."""
+    src = intu(association_request_timeout_ms=1000)
+    guard, server = src._guard, src._server
+    assert guard is not None and server is not None
+    sweeps: list[float] = []
+    loops: list[float] = []
+    sweep, service_actions = guard.sweep, server.service_actions
+
+    def counted_sweep() -> None:
+        sweeps.append(time.monotonic())
+        sweep()
+
+    def counted_loop() -> None:
+        loops.append(time.monotonic())
+        service_actions()
+
+    monkeypatch.setattr(guard, "sweep", counted_sweep)
+    monkeypatch.setattr(server, "service_actions", counted_loop)
+    time.sleep(1.2)
+    assert sweeps == [] and loops == []
+    silent = _connect(src.port)
+    try:
+        assert closed_within(silent, 10)
+    finally:
+        silent.close()
+    assert sweeps and loops
+    assert _connections_gone(src)
+    accept = src._accept_thread
+    assert accept is not None
+    src.stop()
+    accept.join(5)
+    assert not accept.is_alive()
+
+
 def test_a_connection_never_bound_to_an_association_is_logged_and_forgotten(
     intu: Callable[..., DicomSource], caplog: Any
 ) -> None:

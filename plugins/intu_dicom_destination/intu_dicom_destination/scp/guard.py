@@ -28,6 +28,7 @@ event-driven receive path.
 from __future__ import annotations
 
 import logging
+import selectors
 import socket
 import ssl
 import struct
@@ -292,6 +293,7 @@ class Guard:
         self.name = name
         self._lock = threading.Lock()
         self._connections: dict[int, Connection] = {}  # by id() of the accepted socket
+        self._opened = threading.Condition(self._lock)  # notified when a connection registers
         self._log = _RateLimitedLog(logger)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name=f"intu-dicom-guard-{name}", daemon=True)
@@ -334,6 +336,7 @@ class Guard:
             if refused is None:
                 conn = Connection(sock, (host, int(address[1])))
                 self._connections[id(sock)] = conn
+                self._opened.notify()
                 return conn
         self._log.warning(refused)
         return None
@@ -415,7 +418,13 @@ class Guard:
 
     # -- supervision ---------------------------------------------------------------------------
     def _supervise(self) -> None:
-        while not self._stop.wait(_SUPERVISE_EVERY):
+        while True:
+            # No connection, nothing to watch: sleep until one registers (see GuardedServer).
+            with self._lock:
+                while not self._connections and not self._stop.is_set():
+                    self._opened.wait()
+            if self._stop.wait(_SUPERVISE_EVERY):
+                return
             try:
                 self.sweep()
             except Exception:  # never let the supervisor die
@@ -479,6 +488,8 @@ class Guard:
     def stop(self) -> None:
         """Stop the supervisor after a last sweep."""
         self._stop.set()
+        with self._lock:
+            self._opened.notify_all()
         if self._thread.is_alive():
             self._thread.join(5)
         self.sweep()
@@ -505,12 +516,58 @@ class GuardedServer(ThreadedAssociationServer):
     # Connection threads only set up and start an association; shutdown must not wait for them.
     block_on_close = False
     daemon_threads = True
+    timeout = 0.5  # handle_request's own wait, should the connection go before it is accepted
 
     def __init__(self, *args: Any, guard: Guard, tls: ssl.SSLContext | None = None, **kwargs: Any) -> None:
         self.guard = guard
         self.tls = tls
         kwargs["request_handler"] = _GuardedHandler
         super().__init__(*args, **kwargs)
+        self._wake, self._waker = socket.socketpair()  # shutdown writes a byte to end the wait
+        self._state = threading.Lock()
+        self._stopping = False
+        self._looping = False
+        self._loop_ended = threading.Event()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """socketserver's accept loop without its poll (``poll_interval`` is not used): it sleeps
+        until a connection arrives or ``shutdown`` wakes it. This project's VM charges a sleeping
+        thread for each wake-up: an idle ``intu serve`` whose loop woke twice a second and whose
+        guard swept five times read 1.55-1.70 % of a core, 0.80-1.65 % without (bench idle,
+        interleaved, 2026-12-04)."""
+        with self._state:
+            if self._stopping:
+                return
+            self._looping = True
+        try:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self, selectors.EVENT_READ)
+                selector.register(self._wake, selectors.EVENT_READ)
+                while not self._stopping:
+                    ready = selector.select()
+                    if self._stopping:
+                        break
+                    if any(key.fileobj is self for key, _ in ready):
+                        self.handle_request()  # the listening socket is readable: no wait
+                    self.service_actions()
+        finally:
+            self._loop_ended.set()
+
+    def shutdown(self) -> None:
+        """End the accept loop at once (waiting for it, if it runs), then close the listening
+        socket and leave the AE, as pynetdicom's ``shutdown`` does."""
+        with self._state:
+            if self._stopping:  # stopped already (the source, then the AE)
+                return
+            self._stopping = True
+            looping = self._looping
+        self._waker.send(b"\0")
+        if looping:
+            self._loop_ended.wait()
+        self.server_close()
+        internals.forget_server(self.ae, self)
+        self._wake.close()
+        self._waker.close()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         """Accept only: the TLS handshake runs in the connection's thread (``finish_request``)."""
